@@ -1,0 +1,139 @@
+"""Squeeze-and-excitation recalibration (Roy, Navab, Wachinger, MICCAI 2018 / IEEE TMI 2019).
+
+* cSE: squeeze space (global average pool), excite channels (FC C->C/r->C, ReLU, sigmoid).
+* sSE: squeeze channels (1x1 conv C->1), excite space (sigmoid).
+* scSE: both recalibrations concurrently, combined by element-wise ``max`` (journal version and the
+  authors' code) or by ``add`` (MICCAI version, smp's ``SCSEModule``).
+
+Each block works for 2D and 3D maps. On CUDA the fused Triton kernels in :mod:`scse_seg.kernels`
+are used when available; on CPU (and when ``fused=False``) the eager formulas below run.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .nd import check_dim, layer, spatial_dims
+from .registry import register_attention
+
+
+def _hidden(channels: int, reduction: float) -> int:
+    if reduction <= 0:
+        raise ValueError(f"reduction must be positive, got {reduction}")
+    return max(1, int(channels // reduction))
+
+
+def _use_fused(module: nn.Module, x: torch.Tensor) -> bool:
+    if not (module.fused and x.is_cuda):
+        return False
+    from scse_seg import kernels
+
+    return kernels.available()
+
+
+@register_attention("none")
+class NoAttention(nn.Identity):
+    """Vanilla network: no recalibration. Kept as a registry entry so ``attention="none"`` works."""
+
+    accepted_kwargs = ()
+
+    def __init__(self, channels: int, dim: int = 2):
+        super().__init__()
+        self.channels, self.dim = channels, check_dim(dim)
+
+
+class _ChannelExcitation(nn.Module):
+    """The cSE gate: spatial mean -> FC -> ReLU -> FC -> sigmoid, returning N x C weights."""
+
+    def __init__(self, channels: int, reduction: float, dim: int):
+        super().__init__()
+        hidden = _hidden(channels, reduction)
+        self.dims = spatial_dims(dim)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def gate_from_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(mean))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate_from_mean(x.mean(dim=self.dims))
+
+
+@register_attention("cse")
+class ChannelSE(nn.Module):
+    """Spatial squeeze & channel excitation, the "cSE" block: ``x * sigmoid(MLP(mean(x)))``."""
+
+    accepted_kwargs = ("reduction", "fused")
+
+    def __init__(self, channels: int, dim: int = 2, reduction: float = 2, fused: bool = True):
+        super().__init__()
+        self.channels, self.dim, self.fused = channels, check_dim(dim), fused
+        self.excite = _ChannelExcitation(channels, reduction, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_fused(self, x):
+            from scse_seg import kernels
+
+            return kernels.fused_se(x, self, mode="cse")
+        gate = self.excite(x)
+        return x * gate.view(*gate.shape, *([1] * self.dim))
+
+
+@register_attention("sse")
+class SpatialSE(nn.Module):
+    """Channel squeeze & spatial excitation, the "sSE" block: ``x * sigmoid(conv1x1(x))``."""
+
+    accepted_kwargs = ("fused",)
+
+    def __init__(self, channels: int, dim: int = 2, fused: bool = True):
+        super().__init__()
+        self.channels, self.dim, self.fused = channels, check_dim(dim), fused
+        self.conv = layer("conv", dim)(channels, 1, kernel_size=1)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_fused(self, x):
+            from scse_seg import kernels
+
+            return kernels.fused_se(x, self, mode="sse")
+        return x * self.gate(x)
+
+
+FUSIONS = ("max", "add")
+
+
+@register_attention("scse")
+class ConcurrentSE(nn.Module):
+    """Concurrent spatial and channel SE, the "scSE" block.
+
+    ``fusion="max"``: ``max(x*g_c, x*g_s)`` (TMI 2019, authors' code; our default).
+    ``fusion="add"``: ``x*g_c + x*g_s`` (MICCAI 2018, smp's ``SCSEModule``).
+    """
+
+    accepted_kwargs = ("reduction", "fusion", "fused")
+
+    def __init__(self, channels: int, dim: int = 2, reduction: float = 2, fusion: str = "max",
+                 fused: bool = True):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown scSE fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
+        self.channels, self.dim, self.fusion, self.fused = channels, check_dim(dim), fusion, fused
+        self.cse = ChannelSE(channels, dim, reduction, fused=False)
+        self.sse = SpatialSE(channels, dim, fused=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_fused(self, x):
+            from scse_seg import kernels
+
+            return kernels.fused_se(x, self, mode=f"scse_{self.fusion}")
+        g_c = self.cse.excite(x)
+        g_c = g_c.view(*g_c.shape, *([1] * self.dim))
+        g_s = self.sse.gate(x)
+        if self.fusion == "max":
+            return torch.maximum(x * g_c, x * g_s)
+        return x * (g_c + g_s)
+
+    def extra_repr(self) -> str:
+        return f"fusion={self.fusion!r}"

@@ -1,0 +1,15 @@
+"""``python -m scse_seg.models``: parameter count and attention overhead of every architecture."""
+import argparse
+
+from .summary import PAPER_ARCHS, format_table, parameter_table
+
+parser = argparse.ArgumentParser(prog="python -m scse_seg.models", description=__doc__)
+parser.add_argument("--classes", type=int, default=28, help="number of output classes (default 28)")
+parser.add_argument("--in-channels", type=int, default=1)
+parser.add_argument("--dim", type=int, default=2, choices=(2, 3))
+parser.add_argument("--reduction", type=float, default=2, help="SE reduction ratio r (default 2)")
+parser.add_argument("--no-smp", action="store_true", help="skip the smp_unet (resnet34) rows")
+args = parser.parse_args()
+archs = PAPER_ARCHS if (args.no_smp or args.dim == 3) else PAPER_ARCHS + ("smp_unet",)
+print(format_table(parameter_table(archs, in_channels=args.in_channels, num_classes=args.classes,
+                                   dim=args.dim, reduction=args.reduction)))

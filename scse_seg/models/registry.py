@@ -1,0 +1,36 @@
+"""Registry of architectures, so configs and the CLI name a model by string."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        if name in _MODELS:
+            raise KeyError(f"model {name!r} is already registered")
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def model_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(arch: str, in_channels: int = 1, num_classes: int = 2, attention: str = "scse",
+                 dim: int = 2, **kwargs) -> nn.Module:
+    """Build architecture ``arch`` with ``attention`` after every encoder and decoder block.
+
+    ``kwargs`` are architecture options (``width``, ``bottleneck_attention``, ``dropout``...) and
+    attention options (``reduction``, ``fusion``), e.g.
+    ``create_model("densenet", 1, 28, attention="scse", fusion="max", reduction=2)``.
+    """
+    if arch not in _MODELS:
+        raise ValueError(f"unknown architecture {arch!r}; valid names: {', '.join(model_names())}")
+    return _MODELS[arch](in_channels=in_channels, num_classes=num_classes, attention=attention,
+                         dim=dim, **kwargs)

@@ -1,0 +1,119 @@
+"""Attention blocks: formulas, 2D/3D, and numerical agreement with smp and MONAI."""
+import pytest
+import torch
+
+from scse_seg.blocks import (CBAM, ChannelSE, ConcurrentSE, SpatialSE, attention_names,
+                             create_attention)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("name", ["none", "cse", "sse", "scse", "cbam"])
+def test_shape_and_grad(name, dim):
+    x = torch.randn(2, 8, *([8] * dim), requires_grad=True)
+    m = create_attention(name, 8, dim=dim)
+    y = m(x)
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_unknown_name_lists_valid():
+    with pytest.raises(ValueError) as e:
+        create_attention("sce", 8)
+    for n in attention_names():
+        assert n in str(e.value)
+
+
+def test_misspelt_option_raises():
+    with pytest.raises(TypeError, match="fusoin"):
+        create_attention("scse", 8, fusoin="max")
+
+
+def test_bad_fusion_and_dim():
+    with pytest.raises(ValueError, match="fusion"):
+        create_attention("scse", 8, fusion="mul")
+    with pytest.raises(ValueError, match="dim"):
+        create_attention("cse", 8, dim=4)
+
+
+def test_hidden_width_never_below_one():
+    m = create_attention("cse", 3, reduction=16)
+    assert m.excite.fc1.out_features == 1
+    assert m(torch.randn(1, 3, 4, 4)).shape == (1, 3, 4, 4)
+
+
+def test_cse_formula():
+    torch.manual_seed(0)
+    m = ChannelSE(6, dim=2, reduction=2)
+    x = torch.randn(3, 6, 5, 7)
+    z = x.mean(dim=(2, 3))
+    g = torch.sigmoid(m.excite.fc2(torch.relu(m.excite.fc1(z))))
+    torch.testing.assert_close(m(x), x * g[:, :, None, None])
+
+
+def test_sse_formula_3d():
+    m = SpatialSE(4, dim=3)
+    x = torch.randn(2, 4, 3, 5, 6)
+    g = torch.sigmoid(torch.einsum("ncdhw,c->ndhw", x, m.conv.weight.flatten()) + m.conv.bias)
+    torch.testing.assert_close(m(x), x * g[:, None], rtol=1e-5, atol=1e-6)
+
+
+def _copy_smp_weights(ours: ConcurrentSE, theirs) -> None:
+    c1, c2 = theirs.cSE[1], theirs.cSE[3]
+    with torch.no_grad():
+        ours.cse.excite.fc1.weight.copy_(c1.weight.flatten(1))
+        ours.cse.excite.fc1.bias.copy_(c1.bias)
+        ours.cse.excite.fc2.weight.copy_(c2.weight.flatten(1))
+        ours.cse.excite.fc2.bias.copy_(c2.bias)
+        ours.sse.conv.weight.copy_(theirs.sSE[0].weight)
+        ours.sse.conv.bias.copy_(theirs.sSE[0].bias)
+
+
+def test_scse_add_matches_smp():
+    from segmentation_models_pytorch.base.modules import SCSEModule
+
+    torch.manual_seed(1)
+    theirs = SCSEModule(64, reduction=16).eval()
+    ours = ConcurrentSE(64, dim=2, reduction=16, fusion="add").eval()
+    _copy_smp_weights(ours, theirs)
+    x = torch.randn(2, 64, 12, 10)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)
+
+
+def test_scse_max_formula():
+    torch.manual_seed(2)
+    m = ConcurrentSE(8, dim=2, fusion="max")
+    x = torch.randn(2, 8, 6, 6)
+    expected = torch.maximum(m.cse(x), m.sse(x))
+    torch.testing.assert_close(m(x), expected)
+    # and the two fusions really differ
+    m_add = ConcurrentSE(8, dim=2, fusion="add")
+    m_add.load_state_dict(m.state_dict())
+    assert not torch.allclose(m_add(x), m(x))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_cse_matches_monai(dim):
+    from monai.networks.blocks import ChannelSELayer
+
+    torch.manual_seed(3)
+    theirs = ChannelSELayer(spatial_dims=dim, in_channels=16, r=2).eval()
+    ours = ChannelSE(16, dim=dim, reduction=2).eval()
+    with torch.no_grad():
+        ours.excite.fc1.weight.copy_(theirs.fc[0].weight)
+        ours.excite.fc1.bias.copy_(theirs.fc[0].bias)
+        ours.excite.fc2.weight.copy_(theirs.fc[2].weight)
+        ours.excite.fc2.bias.copy_(theirs.fc[2].bias)
+    x = torch.randn(2, 16, *([6] * dim))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)
+
+
+def test_cbam_structure():
+    m = CBAM(8, dim=2, reduction=2)
+    x = torch.randn(2, 8, 9, 9)
+    m.eval()
+    avg, mx = x.mean((2, 3)), x.amax((2, 3))
+    gc = torch.sigmoid(m.mlp(avg) + m.mlp(mx))[:, :, None, None]
+    xc = x * gc
+    gs = torch.sigmoid(m.spatial(torch.cat([xc.mean(1, keepdim=True), xc.amax(1, keepdim=True)], 1)))
+    torch.testing.assert_close(m(x), xc * gs)

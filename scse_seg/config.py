@@ -1,0 +1,298 @@
+"""Experiment configuration: typed sections, YAML files, command-line overrides, strict checking.
+
+A config is ``defaults <- YAML file(s) <- CLI flags <- key=value overrides``. Every key is
+declared below with its type, so a typo or a wrong type is rejected with a message that names
+the key (``ConfigError``, exit status 2) instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # MSD/nnU-Net folder; None -> built-in synthetic phantom
+    phantom_cases: int = 12
+    phantom_shape: list[int] = field(default_factory=lambda: [64, 64, 48])
+    phantom_dir: str | None = None  # where the phantom is written; None -> ~/.cache/scse_seg
+    axis: str = "coronal"  # slice axis for 2D training: sagittal | coronal | axial
+    slice_size: list[int] | None = None  # (H, W); None -> smallest multiple of 16 that fits
+    val_fraction: float = 0.2
+    max_cases: int | None = None  # use only the first N cases (quick runs)
+    skip_empty: bool = False  # drop training slices with background only
+    augment: dict[str, Any] = field(default_factory=lambda: {
+        "affine": 0.5, "elastic": 0.0, "flip": False, "brightness_contrast": 0.3, "noise": 0.2})
+    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32])  # dim=3 patch training
+    samples_per_volume: int = 4
+
+    def validate(self):
+        _check(self.axis in ("sagittal", "coronal", "axial"), "data.axis",
+               f"must be sagittal, coronal or axial, got {self.axis!r}")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be between 0 and 1")
+        _check(self.phantom_cases >= 2, "data.phantom_cases", "must be at least 2")
+        _check(len(self.phantom_shape) == 3 and min(self.phantom_shape) >= 16,
+               "data.phantom_shape", "must be three sizes of at least 16")
+        if self.slice_size is not None:
+            _check(len(self.slice_size) == 2 and all(s > 0 and s % 16 == 0 for s in self.slice_size),
+                   "data.slice_size", "must be two positive multiples of 16, e.g. [64, 64]")
+        _check(len(self.patch_size) == 3 and all(s > 0 and s % 16 == 0 for s in self.patch_size),
+               "data.patch_size", "must be three positive multiples of 16")
+        _check(self.max_cases is None or self.max_cases >= 2, "data.max_cases",
+               "must be at least 2 (one training and one validation volume)")
+        _check(self.samples_per_volume >= 1, "data.samples_per_volume", "must be at least 1")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "unet"
+    attention: str = "scse"
+    dim: int = 2
+    width: int = 16
+    reduction: float = 2
+    fusion: str = "max"
+    bottleneck_attention: bool = True
+    dropout: float | None = None  # None -> the architecture's default
+    encoder_name: str = "resnet34"  # smp_unet only
+
+    def validate(self):
+        from .blocks import attention_names
+        from .models import model_names
+
+        _check(self.arch in model_names(), "model.arch",
+               f"unknown architecture {self.arch!r}; valid: {', '.join(model_names())}")
+        _check(self.attention in attention_names(), "model.attention",
+               f"unknown attention {self.attention!r}; valid: {', '.join(attention_names())}")
+        _check(self.dim in (2, 3), "model.dim", "must be 2 or 3")
+        _check(self.width >= 1, "model.width", "must be positive")
+        _check(self.reduction > 0, "model.reduction", "must be positive")
+        _check(self.fusion in ("max", "add"), "model.fusion", "must be max or add")
+        _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        _check(not (self.arch == "smp_unet" and self.dim == 3), "model.dim",
+               "smp_unet is 2D only; use unet, densenet or sdnet for dim: 3")
+
+    def build(self, in_channels: int, num_classes: int):
+        from .models import create_model
+
+        kw: dict[str, Any] = dict(width=self.width, reduction=self.reduction, fusion=self.fusion,
+                                  bottleneck_attention=self.bottleneck_attention)
+        if self.dropout is not None:
+            kw["dropout"] = self.dropout
+        if self.arch == "smp_unet":
+            kw = dict(encoder_name=self.encoder_name, reduction=self.reduction, fusion=self.fusion)
+        return create_model(self.arch, in_channels, num_classes, self.attention, self.dim, **kw)
+
+
+@dataclass
+class LossConfig:
+    class_weighting: str = "median_frequency"  # median_frequency | none
+    boundary_weight: float = 0.0  # QuickNAT-style extra weight on label boundaries (0 = off)
+    dice_weight: float = 1.0  # 0 -> weighted cross-entropy only
+
+    def validate(self):
+        _check(self.class_weighting in ("median_frequency", "none"), "loss.class_weighting",
+               "must be median_frequency or none")
+        _check(self.boundary_weight >= 0, "loss.boundary_weight", "must be >= 0")
+        _check(self.dice_weight >= 0, "loss.dice_weight", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 16
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine | step | poly | none
+    step_size: int = 10  # step scheduler
+    gamma: float = 0.5  # step scheduler
+    warmup_epochs: int = 0
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
+    channels_last: bool = True  # CUDA only
+    grad_clip: float | None = 5.0
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = True
+    nan_policy: str = "stop"  # stop | skip (skip batches whose loss is NaN/Inf)
+    max_steps_per_epoch: int | None = None
+    val_batch_size: int = 32
+    sync_batchnorm: bool = False  # DDP only
+    progress: bool = True
+
+    def validate(self):
+        _check(self.epochs >= 1, "train.epochs", f"must be at least 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
+        _check(self.optimizer in ("adam", "adamw", "sgd"), "train.optimizer",
+               "must be adam, adamw or sgd")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.scheduler in ("cosine", "step", "poly", "none"), "train.scheduler",
+               "must be cosine, step, poly or none")
+        _check(self.amp in ("auto", "bf16", "fp16", "none"), "train.amp",
+               "must be auto, bf16, fp16 or none")
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be positive")
+        _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+        _check(self.nan_policy in ("stop", "skip"), "train.nan_policy", "must be stop or skip")
+        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+               "train.max_steps_per_epoch", "must be at least 1")
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "train.device", "must be auto, cpu or cuda[:N]")
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    seed: int = 0
+    out: str | None = None  # run folder; None -> runs/{experiment}-{arch}-{attention}-s{seed}
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        for section in (self.data, self.model, self.loss, self.train):
+            section.validate()
+        return self
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"{self.experiment}-{self.model.arch}-{self.model.attention}-s{self.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _merge(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set ``values`` (nested dict) on dataclass ``obj``, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            valid = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown config key '{name}'; valid keys here: {valid}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{name}.")
+            continue
+        tp = hints[key]
+        if isinstance(value, str) and _type_ok(1.0, tp) and not _type_ok(value, tp):
+            try:  # PyYAML reads 1e-3 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, tp):
+            raise ConfigError(f"config key '{name}' must be {_type_name(tp)}, got {value!r}")
+        if typing.get_origin(tp) is dict or tp is dict:
+            merged = dict(current or {})
+            merged.update(value)
+            value = merged
+        if isinstance(value, tuple):
+            value = list(value)
+        setattr(obj, key, value)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; see configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    base = data.pop("base", None)  # a config may extend another one: base: default.yaml
+    if base is not None:
+        parent = load_yaml(path.parent / base)
+        return _deep_update(parent, data)
+    return data
+
+
+def _deep_update(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``train.lr=3e-4`` -> ``{"train": {"lr": 3e-4}}`` (value parsed as YAML, safely)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.lr=0.001")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node: dict = {}
+    cur = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return node
+
+
+def build_config(files: list[str | Path] = (), overrides: list[dict] = ()) -> Config:
+    cfg = Config()
+    for f in files:
+        _merge(cfg, load_yaml(f))
+    for o in overrides:
+        _merge(cfg, o)
+    return cfg.validate()
+
+
+def config_from_dict(d: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, d)
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

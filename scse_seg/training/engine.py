@@ -1,0 +1,460 @@
+"""Training engine: data preparation, the epoch loop, validation Dice, logging, checkpoints.
+
+One ``Trainer`` serves 2D slice training (the papers' setting) and 3D patch training, single
+process or DDP under torchrun. Every epoch re-seeds all random generators from ``seed + epoch``,
+so a run resumed from its last checkpoint ends with exactly the weights of an uninterrupted run
+(deterministic CPU mode).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config, config_from_dict, save_config
+from ..errors import ConfigError, DataError, UserError
+from . import distributed as ddp
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .losses import SegmentationLoss, median_frequency_weights
+
+AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+CHECKPOINT_VERSION = 1
+
+
+class NumericalError(UserError):
+    """Loss became NaN/Inf: training stops, the last good checkpoint is kept."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'train.device' is {name!r} but no CUDA device is available; "
+                          "use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def dice_from_counts(counts: np.ndarray) -> np.ndarray:
+    """counts[..., k, (intersection, pred, ref)] -> Dice per class (NaN where absent in both)."""
+    inter, pred, ref = counts[..., 0], counts[..., 1], counts[..., 2]
+    denom = pred + ref
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * inter / np.maximum(denom, 1e-12), np.nan)
+
+
+def dice_counts(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, 3) float64 tensor of intersection, predicted and reference voxel counts per class."""
+    pred, ref = pred.reshape(-1), ref.reshape(-1)
+    k = num_classes
+    inter = torch.bincount(ref[pred == ref], minlength=k)[:k]
+    return torch.stack([inter, torch.bincount(pred, minlength=k)[:k],
+                        torch.bincount(ref, minlength=k)[:k]], dim=1).double()
+
+
+@dataclass
+class PreparedData:
+    train_set: torch.utils.data.Dataset
+    val_volumes: list
+    class_names: list[str]
+    label_values: list[int]
+    class_counts: np.ndarray
+    split: dict = field(default_factory=dict)
+    dataset_root: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> PreparedData:
+    """Read the dataset (or generate the built-in phantom), split volumes, build the train set."""
+    from .. import data as D
+
+    dc = cfg.data
+    if dc.path is None:
+        root = Path(dc.phantom_dir) if dc.phantom_dir else \
+            Path.home() / ".cache" / "scse_seg" / \
+            f"phantom_n{dc.phantom_cases}_{'x'.join(map(str, dc.phantom_shape))}_s{cfg.seed}"
+        if info.is_main:
+            D.generate_phantom(root, n_cases=dc.phantom_cases, shape=tuple(dc.phantom_shape),
+                               seed=cfg.seed)
+        ddp.barrier(info)
+    else:
+        root = Path(dc.path)
+    ds = D.read_msd(root)
+    if info.is_main:
+        for w in ds.orphans:
+            warnings.warn(w, stacklevel=1)
+    cases = list(ds.cases)
+    if dc.max_cases is not None:
+        cases = cases[: dc.max_cases]
+    if len(cases) < 2:
+        raise DataError(f"dataset {root} has {len(cases)} usable case(s); training needs at least "
+                        "2 (one for validation)")
+    train_names, val_names = D.split_cases([c.name for c in cases], dc.val_fraction, cfg.seed)
+    by_name = {c.name: c for c in cases}
+    from tqdm.auto import tqdm
+
+    def load(names, what):
+        it = tqdm(names, desc=f"loading {what} volumes", disable=not (progress and info.is_main),
+                  leave=False)
+        return [D.load_case(by_name[n], ds) for n in it]
+
+    train_vols, val_vols = load(train_names, "train"), load(val_names, "val")
+    k = len(ds.class_names)
+    counts = np.asarray(D.class_frequencies(train_vols, k), dtype=np.float64)
+    if cfg.model.dim == 2:
+        size = tuple(dc.slice_size) if dc.slice_size else _fit_size(train_vols + val_vols, dc.axis)
+        train_set = D.SliceDataset(train_vols, axis=dc.axis, size=size,
+                                   transform=D.build_augmentation(dc.augment),
+                                   skip_empty=dc.skip_empty)
+    else:
+        for v in train_vols:
+            if any(p > s for p, s in zip(dc.patch_size, v.image.shape)):
+                raise ConfigError(f"config key 'data.patch_size' {dc.patch_size} is larger than "
+                                  f"volume {v.name} {tuple(v.image.shape)}; choose a smaller patch")
+        train_set = D.PatchDataset(train_vols, patch_size=tuple(dc.patch_size),
+                                   samples_per_volume=dc.samples_per_volume, seed=cfg.seed)
+    if len(train_set) == 0:
+        raise DataError(f"no training samples left from {root} after filtering "
+                        "(data.skip_empty / data.max_cases); relax the filters")
+    return PreparedData(train_set, val_vols, list(ds.class_names), list(ds.label_values), counts,
+                        {"train": train_names, "val": val_names}, str(root))
+
+
+def _fit_size(volumes, axis: str) -> tuple[int, int]:
+    a = AXES[axis]
+    inplane = [[s for i, s in enumerate(v.image.shape) if i != a] for v in volumes]
+    h = max(p[0] for p in inplane)
+    w = max(p[1] for p in inplane)
+    return (int(math.ceil(h / 16) * 16), int(math.ceil(w / 16) * 16))
+
+
+class Trainer:
+    """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from ``run_dir/last.pt``."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir else cfg.run_dir()
+        self.resume = resume
+        self.info = ddp.detect()
+        tc = cfg.train
+        self.device = resolve_device(tc.device)
+        if self.info.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.info.local_rank)
+            torch.cuda.set_device(self.device)
+        self.progress = tc.progress
+
+    # ----------------------------------------------------------------- set-up
+    def _check_run_dir(self) -> None:
+        last = self.run_dir / "last.pt"
+        if self.resume and not last.is_file():
+            raise UserError(f"--resume: {last} not found; the run folder holds no checkpoint "
+                            "(start a new run with --out instead)")
+        if not self.resume and last.exists():
+            raise UserError(f"run folder {self.run_dir} already holds a run; resume it with "
+                            f"--resume {self.run_dir} or choose another --out (nothing was "
+                            "overwritten)")
+
+    def _amp_dtype(self):
+        amp = self.cfg.train.amp
+        if self.device.type != "cuda" or amp == "none":
+            return None
+        return torch.float16 if amp == "fp16" else torch.bfloat16
+
+    def _build(self, data: PreparedData):
+        cfg, tc = self.cfg, self.cfg.train
+        torch.manual_seed(cfg.seed)
+        model = cfg.model.build(1, data.num_classes).to(self.device)
+        if self.info.enabled and tc.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.device.type == "cuda" and tc.channels_last:
+            model = model.to(memory_format=torch.channels_last if cfg.model.dim == 2
+                             else torch.channels_last_3d)
+        if tc.optimizer == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum,
+                                  weight_decay=tc.weight_decay, nesterov=True)
+        else:
+            cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+            opt = cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc))
+        return model, opt, sched
+
+    # ----------------------------------------------------------------- main loop
+    def fit(self) -> dict:
+        cfg, tc, info = self.cfg, self.cfg.train, self.info
+        if info.is_main:
+            self._check_run_dir()
+        ddp.init(info, self.device)
+        try:
+            return self._fit()
+        finally:
+            ddp.cleanup(info)
+
+    def _fit(self) -> dict:
+        cfg, tc, info = self.cfg, self.cfg.train, self.info
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = False
+        data = prepare_data(cfg, info, self.progress)
+        ckpt = None
+        if self.resume:
+            ckpt = load_checkpoint(self.run_dir / "last.pt")
+            _check_compatible(ckpt, cfg, data, self.run_dir)
+        # class weights: computed once on rank 0, shared with every rank
+        weights = None
+        if cfg.loss.class_weighting == "median_frequency":
+            w = torch.as_tensor(median_frequency_weights(data.class_counts), dtype=torch.float32)
+            weights = ddp.broadcast_(w, info)
+        model, opt, sched = self._build(data)
+        loss_fn = SegmentationLoss(weights, cfg.loss.boundary_weight,
+                                   cfg.loss.dice_weight).to(self.device)
+        scaler = torch.amp.GradScaler("cuda", enabled=(self._amp_dtype() == torch.float16))
+        start_epoch, best, history = 1, -1.0, []
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            if "scaler" in ckpt and ckpt["scaler"]:
+                scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_dice"])
+            history = list(ckpt.get("history", []))
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            atomic_write_text(self.run_dir / "split.json", json.dumps(data.split, indent=1))
+            atomic_write_text(self.run_dir / "class_weights.json", json.dumps({
+                "class_names": data.class_names, "label_values": data.label_values,
+                "voxel_counts": data.class_counts.tolist(),
+                "weights": None if weights is None else weights.tolist()}, indent=1))
+        net = model
+        if info.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        sampler = None
+        if info.enabled:
+            sampler = torch.utils.data.DistributedSampler(
+                data.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                seed=cfg.seed, drop_last=False)
+        per_proc = tc.batch_size
+        if info.is_main:
+            print(f"[scse_seg] {cfg.model.arch}+{cfg.model.attention} dim={cfg.model.dim} | "
+                  f"{len(data.train_set)} training samples, {len(data.val_volumes)} validation "
+                  f"volumes, {data.num_classes} classes | batch {per_proc}/process x "
+                  f"{info.world_size} = {per_proc * info.world_size} global | device "
+                  f"{self.device} | run folder {self.run_dir}", flush=True)
+        tb = _tensorboard(self.run_dir) if info.is_main else None
+        for epoch in range(start_epoch, tc.epochs + 1):
+            seed_everything(cfg.seed * 1000 + epoch)
+            _reseed_augmentation(data.train_set, cfg.seed * 1000 + epoch)
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            loader = DataLoader(data.train_set, batch_size=per_proc, shuffle=sampler is None,
+                                sampler=sampler, num_workers=tc.num_workers, generator=gen,
+                                pin_memory=self.device.type == "cuda", drop_last=False,
+                                worker_init_fn=_worker_init, persistent_workers=False)
+            t0 = time.perf_counter()
+            train_loss, n_samples, skipped = self._train_epoch(net, loader, opt, scaler, loss_fn,
+                                                               epoch)
+            sched.step()
+            train_time = time.perf_counter() - t0
+            per_volume = self._validate(model, data)
+            dice = dice_from_counts(per_volume)  # (V, K)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_class = np.nanmean(dice[:, 1:], axis=0) if len(dice) else np.array([])
+                mean_dice = float(np.nanmean(np.nanmean(dice[:, 1:], axis=1))) if len(dice) \
+                    else float("nan")
+            row = dict(epoch=epoch, train_loss=train_loss, val_dice=mean_dice,
+                       lr=opt.param_groups[0]["lr"], seconds=train_time,
+                       samples_per_s=n_samples * info.world_size / max(train_time, 1e-9),
+                       skipped_batches=skipped)
+            row.update({f"dice_{n}": float(d) for n, d in zip(data.class_names[1:], per_class)})
+            history.append(row)
+            improved = mean_dice > best
+            best = max(best, mean_dice) if not math.isnan(mean_dice) else best
+            if info.is_main:
+                state = dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
+                             optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                             scaler=scaler.state_dict() if scaler.is_enabled() else {},
+                             epoch=epoch, best_dice=best, config=cfg.to_dict(),
+                             class_names=data.class_names, label_values=data.label_values,
+                             history=history, arch=cfg.model.arch,
+                             attention=cfg.model.attention, num_classes=data.num_classes)
+                save_checkpoint(state, self.run_dir / "last.pt")
+                if improved:
+                    save_checkpoint(state, self.run_dir / "best.pt")
+                _write_log(self.run_dir / "log.csv", history)
+                if tb is not None:
+                    for k, v in row.items():
+                        if k != "epoch":
+                            tb.add_scalar(k, v, epoch)
+                print(f"epoch {epoch}/{tc.epochs}  loss {train_loss:.4f}  val Dice "
+                      f"{mean_dice:.4f}  ({row['samples_per_s']:.1f} samples/s)", flush=True)
+            ddp.barrier(info)
+        if tb is not None:
+            tb.close()
+        return dict(run_dir=str(self.run_dir), history=history, best_dice=best,
+                    class_names=data.class_names)
+
+    def _train_epoch(self, net, loader, opt, scaler, loss_fn, epoch):
+        tc, info = self.cfg.train, self.info
+        from tqdm.auto import tqdm
+
+        net.train()
+        amp_dtype = self._amp_dtype()
+        cl = self.device.type == "cuda" and tc.channels_last
+        fmt = torch.channels_last if self.cfg.model.dim == 2 else torch.channels_last_3d
+        total, count, skipped = 0.0, 0, 0
+        steps = len(loader) if tc.max_steps_per_epoch is None \
+            else min(len(loader), tc.max_steps_per_epoch)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False,
+                   disable=not (self.progress and info.is_main))
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(loader, start=1):
+            if step > steps:
+                break
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if cl:
+                x = x.contiguous(memory_format=fmt)
+            with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                loss = loss_fn(net(x), y)
+            if not torch.isfinite(loss):
+                if tc.nan_policy == "skip":
+                    skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                raise NumericalError(
+                    f"loss is {loss.item()} at epoch {epoch}, step {step}; training stopped and "
+                    f"the last good checkpoint ({self.run_dir / 'last.pt'}) was kept. Lower "
+                    "train.lr, check the data, or set train.nan_policy=skip")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tc.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            total += loss.item() * x.shape[0]
+            count += x.shape[0]
+            bar.set_postfix(loss=f"{total / count:.4f}",
+                            speed=f"{count / (time.perf_counter() - t0):.1f}/s")
+            bar.update(1)
+        bar.close()
+        stats = ddp.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64,
+                                                device=self.device), info)
+        total, n_all = stats.tolist()
+        return total / max(n_all, 1), count, skipped
+
+    @torch.no_grad()
+    def _validate(self, model, data: PreparedData) -> np.ndarray:
+        """Per-volume (V, K, 3) Dice counts on the held-out volumes; each rank predicts a shard
+        of the volumes and the counts are summed across ranks (all_reduce)."""
+        from ..evaluation.inference import predict_volume_2d, predict_volume_3d
+
+        info, cfg = self.info, self.cfg
+        k = data.num_classes
+        counts = torch.zeros(len(data.val_volumes), k, 3, dtype=torch.float64, device=self.device)
+        was_training = model.training
+        model.eval()
+        for i, vol in enumerate(data.val_volumes):
+            if i % info.world_size != info.rank:
+                continue
+            if cfg.model.dim == 2:
+                pred = predict_volume_2d(model, vol.image, AXES[cfg.data.axis],
+                                         batch_size=cfg.train.val_batch_size, device=self.device)
+            else:
+                pred = predict_volume_3d(model, vol.image, roi_size=tuple(cfg.data.patch_size),
+                                         device=self.device)
+            pred = torch.as_tensor(np.asarray(pred), device=self.device).long()
+            ref = torch.as_tensor(vol.label, device=self.device).long()
+            counts[i] = dice_counts(pred, ref, k)
+        model.train(was_training)
+        return ddp.all_reduce_sum(counts, info).cpu().numpy()
+
+
+def _lr_lambda(tc):
+    def f(epoch: int) -> float:  # called with the number of finished epochs
+        if tc.warmup_epochs and epoch < tc.warmup_epochs:
+            return (epoch + 1) / tc.warmup_epochs
+        t = min(1.0, epoch / max(1, tc.epochs))
+        if tc.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        if tc.scheduler == "poly":
+            return (1 - t) ** 0.9
+        if tc.scheduler == "step":
+            return tc.gamma ** (epoch // tc.step_size)
+        return 1.0
+
+    return f
+
+
+def _reseed_augmentation(dataset, seed: int) -> None:
+    tf = getattr(dataset, "transform", None)
+    if tf is not None and hasattr(tf, "set_random_seed"):
+        tf.set_random_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    seed = int(info.seed % 2**31)
+    random.seed(seed)
+    np.random.seed(seed)
+    _reseed_augmentation(info.dataset, seed)
+
+
+def _check_compatible(ckpt: dict, cfg: Config, data: PreparedData, run_dir: Path) -> None:
+    """--resume must continue the same model on the same label set."""
+    want = dict(arch=cfg.model.arch, attention=cfg.model.attention,
+                num_classes=data.num_classes)
+    for key, value in want.items():
+        if ckpt.get(key) != value:
+            raise ConfigError(f"--resume {run_dir}: the checkpoint has {key}={ckpt.get(key)!r} "
+                              f"but this run has {key}={value!r}; resume with the original "
+                              "settings or start a new run with --out")
+    saved = config_from_dict(ckpt["config"]).model
+    for key in ("dim", "width", "fusion", "reduction", "bottleneck_attention"):
+        if getattr(saved, key) != getattr(cfg.model, key):
+            raise ConfigError(f"--resume {run_dir}: model.{key} was {getattr(saved, key)!r} in the "
+                              f"checkpoint but is {getattr(cfg.model, key)!r} now")
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(run_dir / "tensorboard"))
+    except Exception:  # tensorboard not installed: CSV log only
+        return None

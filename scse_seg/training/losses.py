@@ -1,0 +1,82 @@
+"""Median-frequency-balanced cross-entropy (+ optional boundary weighting and Dice), as in
+QuickNAT and Roy et al.: rare structures (under 1% of voxels) would otherwise be ignored."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def median_frequency_weights(counts: np.ndarray | list[int]) -> np.ndarray:
+    """alpha_c = median_c(f_c) / f_c with f_c the voxel frequency of class c.
+
+    Classes absent from the training labels (f_c = 0) cannot be balanced: they get weight 0 (no
+    voxel of theirs is ever a target), are left out of the median, and a warning names them.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size < 2:
+        raise ValueError("need voxel counts for at least two classes")
+    if counts.sum() <= 0:
+        raise ValueError("the training labels contain no voxels")
+    freq = counts / counts.sum()
+    present = freq > 0
+    weights = np.zeros_like(freq)
+    weights[present] = np.median(freq[present]) / freq[present]
+    absent = np.flatnonzero(~present)
+    if absent.size:
+        warnings.warn(f"classes {absent.tolist()} never occur in the training labels; their "
+                      "median-frequency weight is set to 0", stacklevel=2)
+    return weights
+
+
+def label_boundaries(target: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of voxels whose label differs from a face neighbour (any spatial dim)."""
+    edge = torch.zeros_like(target, dtype=torch.bool)
+    for axis in range(1, target.dim()):
+        diff = torch.diff(target, dim=axis) != 0
+        n = diff.shape[axis]
+        edge.narrow(axis, 0, n).logical_or_(diff)
+        edge.narrow(axis, 1, n).logical_or_(diff)
+    return edge
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean over classes of the batch soft Dice (classes absent from batch and prediction
+    contribute ~1, i.e. no penalty, thanks to ``eps``)."""
+    k = probs.shape[1]
+    onehot = F.one_hot(target, k).movedim(-1, 1).to(probs.dtype)
+    dims = (0, *range(2, probs.dim()))
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+class SegmentationLoss(nn.Module):
+    """Pixel-weighted cross-entropy (class weight of the true label + boundary bonus), averaged over
+    pixels, plus ``dice_weight`` x soft Dice. Softmax is computed once, from the logits."""
+
+    def __init__(self, class_weights: torch.Tensor | None = None, boundary_weight: float = 0.0,
+                 dice_weight: float = 1.0):
+        super().__init__()
+        self.register_buffer("class_weights", None if class_weights is None
+                             else torch.as_tensor(class_weights, dtype=torch.float32))
+        self.boundary_weight = float(boundary_weight)
+        self.dice_weight = float(dice_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        log_probs = F.log_softmax(logits, dim=1)
+        ce = F.nll_loss(log_probs, target, reduction="none")
+        w = None
+        if self.class_weights is not None:
+            w = self.class_weights[target]
+        if self.boundary_weight > 0:
+            b = label_boundaries(target).float() * self.boundary_weight
+            w = b + (w if w is not None else 1.0)
+        loss = (ce * w).mean() if w is not None else ce.mean()
+        if self.dice_weight > 0:
+            loss = loss + self.dice_weight * soft_dice_loss(log_probs.exp(), target)
+        return loss

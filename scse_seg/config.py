@@ -24,6 +24,8 @@ class DataConfig:
     phantom_cases: int = 12
     phantom_shape: list[int] = field(default_factory=lambda: [64, 64, 48])
     phantom_dir: str | None = None  # where the phantom is written; None -> ~/.cache/scse_seg
+    phantom_seed: int = 0  # the phantom's subjects (independent of the training seed)
+    split_seed: int = 0  # train/validation split; fixed so every variant and seed sees the same
     axis: str = "coronal"  # slice axis for 2D training: sagittal | coronal | axial
     slice_size: list[int] | None = None  # (H, W); None -> smallest multiple of 16 that fits
     val_fraction: float = 0.2
@@ -240,7 +242,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

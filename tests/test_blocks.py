@@ -2,8 +2,14 @@
 import pytest
 import torch
 
-from scse_seg.blocks import (CBAM, ChannelSE, ConcurrentSE, SpatialSE, attention_names,
-                             create_attention)
+from scse_seg.blocks import (
+    CBAM,
+    ChannelSE,
+    ConcurrentSE,
+    SpatialSE,
+    attention_names,
+    create_attention,
+)
 
 
 @pytest.mark.parametrize("dim", [2, 3])

@@ -4,8 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scse_seg.training.losses import (SegmentationLoss, label_boundaries, median_frequency_weights,
-                                      soft_dice_loss)
+from scse_seg.training.losses import (
+    SegmentationLoss,
+    label_boundaries,
+    median_frequency_weights,
+    soft_dice_loss,
+)
 
 
 def test_mfb_weights_by_hand():

@@ -6,6 +6,7 @@ Python values, so a malicious pickle is refused instead of executed.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from . import failpoints
 
 
 def atomic_write_bytes(path: str | Path, writer) -> None:
@@ -48,7 +50,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    """Write ``state`` atomically; on a failed write (e.g. ENOSPC) the old file stays intact."""
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getbuffer()
+    half = len(data) // 2
+
+    def write(f):
+        f.write(data[:half])
+        failpoints.hit("checkpoint_write")  # crash tests: die with half a temp file on disk
+        f.write(data[half:])
+
+    try:
+        atomic_write_bytes(path, write)
+    except OSError as e:
+        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); the previous "
+                        "checkpoint was kept. Free disk space and resume with --resume") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -17,10 +17,11 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (DDP even with one process)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -29,8 +30,10 @@ class DistInfo:
 
 def detect() -> DistInfo:
     """Read the torchrun environment (no env -> a single process)."""
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistInfo(int(os.environ.get("RANK", "0")), ws, int(os.environ.get("LOCAL_RANK", "0")))
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    ws = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
+    rank = int(os.environ.get("RANK", "0")) if launched else 0
+    return DistInfo(rank, ws, int(os.environ.get("LOCAL_RANK", "0")) if launched else 0, launched)
 
 
 def init(info: DistInfo, device: torch.device) -> None:

@@ -89,10 +89,10 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> Prep
     if dc.path is None:
         root = Path(dc.phantom_dir) if dc.phantom_dir else \
             Path.home() / ".cache" / "scse_seg" / \
-            f"phantom_n{dc.phantom_cases}_{'x'.join(map(str, dc.phantom_shape))}_s{cfg.seed}"
+            f"phantom_n{dc.phantom_cases}_{'x'.join(map(str, dc.phantom_shape))}_s{dc.phantom_seed}"
         if info.is_main:
             D.generate_phantom(root, n_cases=dc.phantom_cases, shape=tuple(dc.phantom_shape),
-                               seed=cfg.seed)
+                               seed=dc.phantom_seed)
         ddp.barrier(info)
     else:
         root = Path(dc.path)
@@ -106,7 +106,8 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> Prep
     if len(cases) < 2:
         raise DataError(f"dataset {root} has {len(cases)} usable case(s); training needs at least "
                         "2 (one for validation)")
-    train_names, val_names = D.split_cases([c.name for c in cases], dc.val_fraction, cfg.seed)
+    train_names, val_names = D.split_cases([c.name for c in cases], dc.val_fraction,
+                                            dc.split_seed)
     by_name = {c.name: c for c in cases}
     from tqdm.auto import tqdm
 
@@ -197,7 +198,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- main loop
     def fit(self) -> dict:
-        cfg, tc, info = self.cfg, self.cfg.train, self.info
+        info = self.info
         if info.is_main:
             self._check_run_dir()
         ddp.init(info, self.device)

@@ -217,6 +217,9 @@ class Trainer:
         ckpt = None
         if self.resume:
             ckpt = load_checkpoint(self.run_dir / "last.pt")
+            if info.is_main:  # temp files of a write that was killed half-way
+                for tmp in self.run_dir.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
             _check_compatible(ckpt, cfg, data, self.run_dir)
         # class weights: computed once on rank 0, shared with every rank
         weights = None
@@ -224,6 +227,7 @@ class Trainer:
             w = torch.as_tensor(median_frequency_weights(data.class_counts), dtype=torch.float32)
             weights = ddp.broadcast_(w, info)
         model, opt, sched = self._build(data)
+        self.model, self.data = model, data
         loss_fn = SegmentationLoss(weights, cfg.loss.boundary_weight,
                                    cfg.loss.dice_weight).to(self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=(self._amp_dtype() == torch.float16))
@@ -239,7 +243,8 @@ class Trainer:
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            atomic_write_text(self.run_dir / "split.json", json.dumps(data.split, indent=1))
+            atomic_write_text(self.run_dir / "split.json", json.dumps(
+                dict(dataset_root=str(Path(data.dataset_root).resolve()), **data.split), indent=1))
             atomic_write_text(self.run_dir / "class_weights.json", json.dumps({
                 "class_names": data.class_names, "label_values": data.label_values,
                 "voxel_counts": data.class_counts.tolist(),

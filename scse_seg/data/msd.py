@@ -1,0 +1,237 @@
+"""Datasets in the Medical Segmentation Decathlon / nnU-Net layout (imagesTr/, labelsTr/,
+dataset.json), read with nibabel, checked so that bad files fail with a message that names them.
+
+``dataset.json`` is the source of truth: its ``labels`` map original label values to names (MSD:
+``{"0": "background"}``; nnU-Net v2: ``{"background": 0}``), values are remapped to contiguous
+class indices (LPBA40's 21..166 become 1..54) and files on disk that it does not pair are reported
+as orphans by name.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+AFFINE_TOLERANCE = 1e-3
+
+
+@dataclass
+class CaseRef:
+    name: str
+    image: Path
+    label: Path
+
+
+@dataclass
+class MSDDataset:
+    root: Path
+    name: str
+    cases: list[CaseRef]
+    label_values: list[int]  # original values, index = class index (0 = background)
+    class_names: list[str]
+    orphans: list[str] = field(default_factory=list)  # human-readable warnings
+    modality: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class Volume:
+    name: str
+    image: np.ndarray  # float32 (X, Y, Z), normalised per volume
+    label: np.ndarray  # int64 class indices (X, Y, Z)
+    affine: np.ndarray  # 4x4, from the image file
+    label_values: list[int]  # original label value of each class index
+
+
+def _strip_ext(name: str) -> str:
+    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _inside(root: Path, rel: str, what: str) -> Path:
+    """Resolve a dataset.json path and refuse anything outside the dataset folder."""
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"{root / 'dataset.json'}: {what} entry {rel!r} is not a file path")
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root.resolve()):
+        raise DataError(f"{root / 'dataset.json'}: {what} path {rel!r} points outside the dataset "
+                        f"folder {root}; paths must stay inside it (no '../' or absolute paths)")
+    return p
+
+
+def _parse_labels(labels, js: Path) -> tuple[list[int], list[str]]:
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"{js}: 'labels' must be a non-empty mapping of label value to name")
+    pairs = []
+    for k, v in labels.items():
+        try:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):  # nnU-Net v2: name -> value
+                pairs.append((int(v), str(k)))
+            else:  # MSD: "value" -> name
+                pairs.append((int(k), str(v)))
+        except (TypeError, ValueError):
+            raise DataError(f"{js}: label entry {k!r}: {v!r} is neither 'value: name' (MSD) nor "
+                            "'name: value' (nnU-Net v2); region labels are not supported") from None
+    pairs.sort()
+    values = [p[0] for p in pairs]
+    if len(set(values)) != len(values):
+        raise DataError(f"{js}: label values repeat in 'labels'")
+    if values[0] != 0:
+        raise DataError(f"{js}: 'labels' must declare background as value 0")
+    return values, [p[1] for p in pairs]
+
+
+def read_msd(root: str | Path) -> MSDDataset:
+    """Read and check ``root/dataset.json``; list the image/label pairs and any orphans."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} not found; pass the folder that holds "
+                        "dataset.json, imagesTr/ and labelsTr/ (--data PATH or data.path)")
+    js = root / "dataset.json"
+    if not js.is_file():
+        raise DataError(f"{js} not found; an MSD/nnU-Net dataset needs a dataset.json listing "
+                        "its labels and training cases")
+    try:
+        meta = json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{js} is not valid JSON ({e}); fix or regenerate it") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{js} must hold a JSON object")
+    if "labels" not in meta:
+        raise DataError(f"{js} has no 'labels' entry mapping label values to structure names")
+    values, names = _parse_labels(meta["labels"], js)
+    ending = meta.get("file_ending", ".nii.gz")
+    cases: list[CaseRef] = []
+    if "training" in meta:
+        if not isinstance(meta["training"], list):
+            raise DataError(f"{js}: 'training' must be a list of {{image, label}} entries")
+        for i, entry in enumerate(meta["training"]):
+            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                raise DataError(f"{js}: training entry {i} needs 'image' and 'label' keys")
+            img = _inside(root, entry["image"], "image")
+            lab = _inside(root, entry["label"], "label")
+            if not img.exists() and img.name.endswith(ending):  # MSD lists xxx.nii.gz,
+                alt = img.with_name(_strip_ext(img.name) + "_0000" + ending)  # nnU-Net has _0000
+                img = alt if alt.exists() else img
+            for p, what in ((img, "image"), (lab, "label")):
+                if not p.is_file():
+                    raise DataError(f"{js}: training entry {i} points to missing {what} file {p}; "
+                                    "restore the file or remove the entry")
+            cases.append(CaseRef(_strip_ext(lab.name), img, lab))
+    else:  # nnU-Net v2: pair imagesTr/<case>_0000<ending> with labelsTr/<case><ending>
+        for lab in sorted((root / "labelsTr").glob(f"*{ending}")):
+            case = lab.name[: -len(ending)]
+            img = root / "imagesTr" / f"{case}_0000{ending}"
+            if img.is_file():
+                cases.append(CaseRef(case, img, lab))
+    orphans = _find_orphans(root, cases, ending)
+    if not cases:
+        raise DataError(f"dataset {root} has no image/label pairs (dataset.json 'training' is "
+                        "empty or labelsTr/ has no matching files)")
+    return MSDDataset(root, str(meta.get("name", root.name)), cases, values, names, orphans,
+                      str((meta.get("modality") or meta.get("channel_names") or {}).get("0", "")))
+
+
+def _find_orphans(root: Path, cases: list[CaseRef], ending: str) -> list[str]:
+    used = {c.image.resolve() for c in cases} | {c.label.resolve() for c in cases}
+    case_names = {c.name for c in cases}
+    out = []
+    for sub, other in (("imagesTr", "label"), ("labelsTr", "image")):
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith(".") or not f.name.endswith(ending) or f.resolve() in used:
+                continue
+            case = f.name[: -len(ending)]
+            case = case[:-5] if sub == "imagesTr" and case.endswith("_0000") else case
+            why = f"has no {other}" if case not in case_names else "is not listed"
+            out.append(f"orphan {sub}/{f.name}: {why}; it is not used for training or evaluation")
+    return out
+
+
+def _load_nifti(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path} cannot be read ({msg}); the file is truncated or corrupt, "
+                        "re-export or re-download it") from None
+    except Exception as e:  # nibabel raises ImageFileError and others for non-NIfTI content
+        raise DataError(f"{path} is not a readable NIfTI image ({type(e).__name__}: {e})") from None
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def remap_labels(label: np.ndarray, label_values: list[int]) -> np.ndarray:
+    """Original label values -> contiguous class indices (values must all be declared)."""
+    lut_max = max(max(label_values), int(label.max(initial=0)))
+    lut = np.full(lut_max + 1, -1, dtype=np.int64)
+    lut[np.asarray(label_values)] = np.arange(len(label_values))
+    return lut[label]
+
+
+def restore_labels(classes: np.ndarray, label_values: list[int]) -> np.ndarray:
+    """Class indices -> original label values (for writing predictions)."""
+    return np.asarray(label_values, dtype=np.int64)[classes]
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """Per-volume z-score over the nonzero voxels (the whole volume if it has no zeros): uint8
+    and raw float scanners end up on one scale; background stays the minimum."""
+    x = image.astype(np.float32)
+    fg = x[x != 0] if np.any(x == 0) and np.any(x != 0) else x.ravel()
+    mean, std = float(fg.mean()), float(fg.std())
+    return ((x - mean) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+
+
+def load_case(case: CaseRef, ds: MSDDataset, *, check: bool = True) -> Volume:
+    """Read one image/label pair, check it, normalise the image and remap the labels."""
+    image, affine = _load_nifti(case.image)
+    label, l_affine = _load_nifti(case.label)
+    if image.ndim == 4 and image.shape[3] == 1:
+        image = image[..., 0]
+    if image.ndim == 4:
+        raise DataError(f"{case.image} has {image.shape[3]} channels (shape {image.shape}); only "
+                        "single-channel 3D images are supported — split the modalities or keep one")
+    if image.ndim != 3:
+        raise DataError(f"{case.image} has shape {image.shape}; a 3D volume is expected")
+    if label.ndim == 4 and label.shape[3] == 1:
+        label = label[..., 0]
+    if label.shape != image.shape:
+        raise DataError(f"{case.label} has shape {label.shape} but its image {case.image.name} has "
+                        f"{image.shape}; image and label must be on the same voxel grid")
+    if check and not np.allclose(affine, l_affine, atol=AFFINE_TOLERANCE):
+        raise DataError(f"{case.label}: its affine differs from {case.image.name}'s by more than "
+                        f"{AFFINE_TOLERANCE}; resample the label onto the image grid")
+    if not np.issubdtype(image.dtype, np.integer):
+        bad = ~np.isfinite(image)
+        if bad.any():
+            raise DataError(f"{case.image} has {int(bad.sum())} NaN/Inf voxels; fix the image "
+                            "(e.g. replace them with 0) before training")
+    lab = np.asarray(label)
+    if not np.issubdtype(lab.dtype, np.integer):
+        if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise DataError(f"{case.label} holds non-integer label values; labels must be integers")
+        lab = lab.astype(np.int64)
+    present = np.unique(lab)
+    undeclared = sorted(set(present.tolist()) - set(ds.label_values))
+    if undeclared:
+        raise DataError(f"{case.label} has label values {undeclared[:10]} that dataset.json does "
+                        f"not declare (declared: {ds.label_values[:10]}"
+                        f"{'...' if len(ds.label_values) > 10 else ''}); add them to 'labels' or "
+                        "fix the label file")
+    return Volume(case.name, normalise(np.asarray(image)), remap_labels(lab.astype(np.int64),
+                  ds.label_values), affine, list(ds.label_values))

@@ -1,0 +1,94 @@
+"""2D training on slices (the papers' setting): extract once, cache in memory, pad/crop to a
+fixed size, remember where every slice came from so volumes can be reassembled."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+# Array axes of a volume read from NIfTI (RAS-like voxel order): 0 = x (left-right, sagittal
+# slices), 1 = y (posterior-anterior, coronal slices), 2 = z (inferior-superior, axial slices).
+AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def axis_index(axis: str | int) -> int:
+    if isinstance(axis, int) and axis in (0, 1, 2):
+        return axis
+    if axis not in AXIS_INDEX:
+        raise ValueError(f"slice axis must be sagittal, coronal, axial or 0-2, got {axis!r}")
+    return AXIS_INDEX[axis]
+
+
+def pad_or_crop(a: np.ndarray, size: tuple[int, int], fill: float) -> np.ndarray:
+    """Centre-pad with ``fill`` or centre-crop the last two axes to ``size``."""
+    out = a
+    for ax, target in zip((-2, -1), size):
+        n = out.shape[ax]
+        if n < target:
+            before = (target - n) // 2
+            pad = [(0, 0)] * out.ndim
+            pad[ax] = (before, target - n - before)
+            out = np.pad(out, pad, constant_values=fill)
+        elif n > target:
+            start = (n - target) // 2
+            out = np.take(out, range(start, start + target), axis=ax)
+    return out
+
+
+class SliceDataset(Dataset):
+    """Slices of ``volumes`` along ``axis`` as ``(image 1xHxW float, label HxW long)``.
+
+    ``transform(image=HxW float32, mask=HxW int) -> dict`` (an albumentations pipeline) is applied
+    per item; ``index[i] = (volume index, slice index)`` maps items back to volumes.
+    """
+
+    def __init__(self, volumes, axis: str | int = "coronal", size: tuple[int, int] = (64, 64),
+                 transform=None, skip_empty: bool = False):
+        self.axis, self.size, self.transform = axis_index(axis), tuple(size), transform
+        images, labels, self.index = [], [], []
+        for vi, vol in enumerate(volumes):
+            img = np.moveaxis(vol.image, self.axis, 0)
+            lab = np.moveaxis(vol.label, self.axis, 0)
+            keep = np.arange(img.shape[0])
+            if skip_empty:
+                keep = keep[lab.reshape(lab.shape[0], -1).any(axis=1)]
+            if keep.size == 0:
+                continue
+            images.append(pad_or_crop(img[keep], self.size, float(vol.image.min())))
+            labels.append(pad_or_crop(lab[keep], self.size, 0))
+            self.index += [(vi, int(s)) for s in keep]
+        self.images = np.concatenate(images).astype(np.float32) if images else \
+            np.zeros((0, *self.size), np.float32)
+        self.labels = np.concatenate(labels).astype(np.int64) if labels else \
+            np.zeros((0, *self.size), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        img, lab = self.images[i], self.labels[i]
+        if self.transform is not None:
+            out = self.transform(image=img, mask=lab)
+            img, lab = out["image"], out["mask"]
+        return (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None],
+                torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)))
+
+
+def split_cases(names: list[str], val_fraction: float = 0.2, seed: int = 0):
+    """Volume-level split (no subject in both sets), deterministic in ``seed``."""
+    names = sorted(names)
+    if len(names) < 2:
+        return names, []
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val = min(len(names) - 1, max(1, int(round(val_fraction * len(names)))))
+    val = sorted(names[i] for i in order[:n_val])
+    train = sorted(names[i] for i in order[n_val:])
+    return train, val
+
+
+def class_frequencies(volumes, num_classes: int) -> np.ndarray:
+    """Voxel count of every class over the given volumes' labels."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for v in volumes:
+        counts += np.bincount(v.label.ravel(), minlength=num_classes)[:num_classes]
+    return counts

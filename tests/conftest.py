@@ -15,3 +15,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory) -> Path:
+    """Four 32^3 phantom subjects in MSD layout (generated once per test session)."""
+    from scse_seg.data import generate_phantom
+
+    return generate_phantom(tmp_path_factory.mktemp("phantom"), n_cases=4, shape=(32, 32, 32),
+                            seed=0)

@@ -239,6 +239,11 @@ class Trainer:
             if "scaler" in ckpt and ckpt["scaler"]:
                 scaler.load_state_dict(ckpt["scaler"])
             start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_dice"])
+            # the schedule may have changed (e.g. --epochs extended): recompute this epoch's lr
+            f = _lr_lambda(tc)
+            sched.base_lrs = [tc.lr] * len(opt.param_groups)  # train.lr may be overridden too
+            for group in opt.param_groups:
+                group["lr"], group["initial_lr"] = tc.lr * f(sched.last_epoch), tc.lr
             history = list(ckpt.get("history", []))
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -437,11 +442,15 @@ def _check_compatible(ckpt: dict, cfg: Config, data: PreparedData, run_dir: Path
             raise ConfigError(f"--resume {run_dir}: the checkpoint has {key}={ckpt.get(key)!r} "
                               f"but this run has {key}={value!r}; resume with the original "
                               "settings or start a new run with --out")
-    saved = config_from_dict(ckpt["config"]).model
-    for key in ("dim", "width", "fusion", "reduction", "bottleneck_attention"):
-        if getattr(saved, key) != getattr(cfg.model, key):
-            raise ConfigError(f"--resume {run_dir}: model.{key} was {getattr(saved, key)!r} in the "
-                              f"checkpoint but is {getattr(cfg.model, key)!r} now")
+    saved = config_from_dict(ckpt["config"])
+    for section, key in [("model", k) for k in ("dim", "width", "fusion", "reduction",
+                                                  "bottleneck_attention", "encoder_name")] + \
+            [("train", "optimizer")]:
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+        if old != new:
+            raise ConfigError(f"--resume {run_dir}: {section}.{key} was {old!r} in the checkpoint "
+                              f"but is {new!r} now; resume with the original setting or start a "
+                              "new run with --out")
 
 
 def _write_log(path: Path, history: list[dict]) -> None:

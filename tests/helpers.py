@@ -1,0 +1,23 @@
+"""Shared helpers for the end-to-end tests: a tiny phantom and fast training settings."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny and fast on 2 CPU cores: 4 small volumes, width-4 networks, 3 steps per epoch.
+FAST = ["model.width=4", "train.batch_size=8", "train.max_steps_per_epoch=3",
+        "train.val_batch_size=64", "data.augment={affine: 0.5, noise: 0.5}", "--no-progress"]
+
+
+def phantom_args(root: Path) -> list[str]:
+    return ["--data", str(root)]
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 300):
+    """Run train_seg.py in a subprocess (exit status and stderr as a user sees them)."""
+    return subprocess.run([sys.executable, str(ROOT / "train_seg.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)

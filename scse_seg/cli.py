@@ -53,7 +53,7 @@ def config_from_args(args):
     from .config import build_config, parse_override
 
     files = list(args.config)
-    overrides = [parse_override(o) for o in args.overrides]
+    overrides = []  # flags first, then key=value (the most specific) last
     flags = {}
     for flag, key in (("arch", "model.arch"), ("attn", "model.attention"), ("data", "data.path"),
                       ("epochs", "train.epochs"), ("dim", "model.dim"), ("seed", "seed"),
@@ -78,11 +78,12 @@ def config_from_args(args):
             cur = cur.setdefault(part, {})
         cur[parts[-1]] = value
         overrides.append(node)
+    overrides += [parse_override(o) for o in args.overrides]
     return build_config(files, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         from .training import Trainer

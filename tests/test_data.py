@@ -6,9 +6,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scse_seg.data import (PatchDataset, SliceDataset, build_augmentation, class_frequencies,
-                           generate_phantom, load_case, read_msd, remap_labels, restore_labels,
-                           split_cases)
+from scse_seg.data import (
+    PatchDataset,
+    SliceDataset,
+    build_augmentation,
+    class_frequencies,
+    generate_phantom,
+    load_case,
+    read_msd,
+    remap_labels,
+    restore_labels,
+    split_cases,
+)
 from scse_seg.errors import DataError
 
 

@@ -1,11 +1,83 @@
-"""Fused Triton kernels for the SE blocks (CUDA). Until they are built, blocks run eagerly."""
+"""Fused Triton kernels for the SE blocks (cSE, sSE, scSE max/add; 2D and 3D).
+
+Two passes over the map forward (squeeze, excite) and two backward (reduce, input gradient),
+instead of the many passes eager ops make; see :mod:`.triton_se` (kernels) and :mod:`.ops`
+(custom ops ``scse_seg::se_forward`` & co. with autograd, torch.compile-compatible).
+
+Triton is imported lazily, on first use, so ``import scse_seg`` never needs it. The Triton CPU
+interpreter (``TRITON_INTERPRET=1``, set *before* the first use) runs the same kernels on CPU
+tensors, which is how the tests check them without a GPU. The blocks themselves take the fused
+path only for CUDA tensors (``scse_seg.blocks.se._use_fused``); on CPU call :func:`fused_se` or
+:func:`fused_scse` directly.
+"""
 from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["available", "fused_se", "fused_cse", "fused_sse", "fused_scse", "fused_se_function",
+           "interpreting"]
+
+
+_TRITON: bool | None = None  # cached result of the import attempt
+
+
+def _triton_importable() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON = True
+        except Exception:  # ImportError, or a broken install raising at import
+            _TRITON = False
+    return _TRITON
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def available() -> bool:
-    """True when fused kernels can run on the current CUDA device."""
-    return False
+    """True when the fused kernels can run: Triton imports and either a CUDA device is present or
+    the Triton interpreter is on (then they run, slowly, on CPU tensors)."""
+    if not _triton_importable():
+        return False
+    return interpreting() or torch.cuda.is_available()
 
 
-def fused_se(x, module, mode: str):  # pragma: no cover - only reached when available()
-    raise NotImplementedError("fused SE kernels are not available")
+def _ops():
+    if not _triton_importable():
+        raise RuntimeError("fused SE kernels need triton (pip install triton)")
+    from . import ops
+
+    return ops
+
+
+def fused_se(x: torch.Tensor, module: torch.nn.Module, mode: str) -> torch.Tensor:
+    """Run ``module`` (ChannelSE, SpatialSE or ConcurrentSE) on ``x`` with the fused kernels.
+    ``mode``: "cse", "sse", "scse_max" or "scse_add"."""
+    return _ops().fused_se(x, module, mode)
+
+
+def fused_se_function(x: torch.Tensor, mode: str, **params) -> torch.Tensor:
+    """Functional form: ``params`` are fc1_w, fc1_b, fc2_w, fc2_b (cSE) and sse_w, sse_b (sSE)."""
+    return _ops().fused_se_function(x, mode, **params)
+
+
+def fused_cse(x, fc1_w, fc1_b, fc2_w, fc2_b):
+    """Fused cSE: ``x * sigmoid(fc2(relu(fc1(mean(x)))))``."""
+    return _ops().fused_cse(x, fc1_w, fc1_b, fc2_w, fc2_b)
+
+
+def fused_sse(x, sse_w, sse_b):
+    """Fused sSE: ``x * sigmoid(conv1x1(x))``."""
+    return _ops().fused_sse(x, sse_w, sse_b)
+
+
+def fused_scse(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, fusion: str = "max"):
+    """Fused scSE: ``max(x*g_c, x*g_s)`` or ``x*(g_c + g_s)``."""
+    return _ops().fused_scse(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, fusion)

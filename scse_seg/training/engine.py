@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> Prep
     ds = D.read_msd(root)
     if info.is_main:
         for w in ds.orphans:
-            warnings.warn(w, stacklevel=1)
+            print(f"warning: {w}", file=sys.stderr)
     cases = list(ds.cases)
     if dc.max_cases is not None:
         cases = cases[: dc.max_cases]

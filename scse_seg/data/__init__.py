@@ -1,7 +1,6 @@
 """Data: MSD/nnU-Net datasets, the built-in phantom, 2D slices, 3D patches, augmentation."""
 from .augment import build_augmentation
-from .msd import (CaseRef, MSDDataset, Volume, load_case, normalise, read_msd, remap_labels,
-                  restore_labels)
+from .msd import CaseRef, MSDDataset, Volume, load_case, normalise, read_msd, remap_labels, restore_labels
 from .patches import PatchDataset
 from .phantom import generate_phantom
 from .slices import AXIS_INDEX, SliceDataset, class_frequencies, pad_or_crop, split_cases

@@ -99,6 +99,7 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     from ..training import Trainer
     from .runs import evaluate_run
 
+    t_start = time.perf_counter()
     spec.out.mkdir(parents=True, exist_ok=True)
     combos = [(a, t, s) for s in range(spec.seeds) for a in spec.archs for t in spec.attns]
     bar = tqdm(combos, desc="training grid", unit="run", disable=not spec.progress)
@@ -129,8 +130,20 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
         results.append(res)
     from .compare_report import write_comparison
 
-    write_comparison(results, spec)
+    write_comparison(results, spec, wall_seconds=_add_wall_time(spec.out, time.perf_counter() - t_start))
     return spec.out
+
+
+def _add_wall_time(out: Path, seconds: float) -> float:
+    """Accumulate this invocation's wall time in out/timing.json; return the total, so that a
+    grid resumed after an interruption still reports what the whole grid cost."""
+    from ..training.checkpoint import atomic_write_text
+
+    f = out / "timing.json"
+    runs = json.loads(f.read_text()).get("invocations_s", []) if f.is_file() else []
+    runs.append(round(seconds, 1))
+    atomic_write_text(f, json.dumps({"invocations_s": runs, "total_s": round(sum(runs), 1)}))
+    return sum(runs)
 
 
 def _save_eval(path: Path, ev, spec: GridSpec, seconds: float) -> None:

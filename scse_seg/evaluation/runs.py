@@ -40,22 +40,42 @@ def load_run(run_dir: str | Path, checkpoint: str = "last.pt", device: str | tor
     return model.to(device).eval(), ckpt, cfg
 
 
-def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str = "last.pt",
-                 tta_flip: bool = False, surface: bool = False, device: str | None = None,
-                 keep_example: bool = False, progress: bool = True) -> RunEvaluation:
-    """Predict every held-out volume of ``run_dir`` and compute per-structure metrics.
+@dataclass
+class _OpenRun:
+    model: torch.nn.Module
+    ckpt: dict
+    cfg: object
+    device: torch.device
+    dataset: object  # MSDDataset
+    val: list[str]  # held-out volume names, in split order
 
-    The last checkpoint is evaluated by default: the comparison trains on a fixed schedule and
-    the held-out volumes are never used to pick a checkpoint, so the numbers are not optimistic.
-    """
-    from tqdm.auto import tqdm
+    def load(self, name: str):
+        from .. import data as D
 
+        return D.load_case(next(c for c in self.dataset.cases if c.name == name), self.dataset)
+
+    def predict(self, image: np.ndarray, tta_flip: bool = False) -> np.ndarray:
+        from ..training.engine import AXES
+        from .inference import predict_volume_2d, predict_volume_3d
+
+        if self.cfg.model.dim == 2:
+            return predict_volume_2d(self.model, image, AXES[self.cfg.data.axis], batch_size=32,
+                                     tta_flip=tta_flip, device=self.device)
+        return predict_volume_3d(self.model, image, roi_size=tuple(self.cfg.data.patch_size),
+                                 tta_flip=tta_flip, device=self.device)
+
+
+def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str = "last.pt",
+             device: str | None = None) -> _OpenRun:
+    """Model, checkpoint, config and the dataset a run folder was trained on, checked against
+    each other (same classes, held-out volumes present)."""
     from .. import data as D
-    from ..training.engine import AXES, resolve_device
-    from .inference import predict_volume_2d, predict_volume_3d
-    from .metrics import evaluate_volume
+    from ..training.engine import resolve_device
 
     run_dir = Path(run_dir)
+    if not (run_dir / checkpoint).is_file():
+        raise UserError(f"{run_dir / checkpoint} not found; is {run_dir} a finished scse_seg run "
+                        "folder? (train it with train_seg.py, or pass --checkpoint best.pt)")
     dev = resolve_device(device or "auto")
     model, ckpt, cfg = load_run(run_dir, checkpoint, dev)
     split_file = run_dir / "split.json"
@@ -69,37 +89,91 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
     if list(ds.class_names) != list(ckpt["class_names"]):
         raise UserError(f"dataset {root} has classes {ds.class_names} but the run was trained on "
                         f"{ckpt['class_names']}; pass the run's dataset with --data")
-    by_name = {c.name: c for c in ds.cases}
-    missing = [n for n in split["val"] if n not in by_name]
+    names = {c.name for c in ds.cases}
+    missing = [n for n in split["val"] if n not in names]
     if missing:
         raise UserError(f"held-out volumes {missing[:5]} of {run_dir} are not in {root}")
-    k = int(ckpt["num_classes"])
+    return _OpenRun(model, ckpt, cfg, dev, ds, list(split["val"]))
+
+
+def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str = "last.pt",
+                 tta_flip: bool = False, surface: bool = False, device: str | None = None,
+                 keep_example: bool = False, progress: bool = True,
+                 save_dir: str | Path | None = None) -> RunEvaluation:
+    """Predict every held-out volume of ``run_dir`` and compute per-structure metrics.
+
+    The last checkpoint is evaluated by default: the comparison trains on a fixed schedule and
+    the held-out volumes are never used to pick a checkpoint, so the numbers are not optimistic.
+    ``save_dir`` also writes each prediction as NIfTI (original label values, source affine).
+    """
+    from tqdm.auto import tqdm
+
+    from ..training.engine import AXES
+    from .inference import save_prediction_nifti
+    from .metrics import evaluate_volume
+
+    run_dir = Path(run_dir)
+    run = open_run(run_dir, data_path, checkpoint, device)
+    k = int(run.ckpt["num_classes"])
     rows, times, example = [], [], None
-    for name in tqdm(split["val"], desc=f"evaluating {run_dir.name}", leave=False,
+    for name in tqdm(run.val, desc=f"evaluating {run_dir.name}", leave=False,
                      disable=not progress):
-        vol = D.load_case(by_name[name], ds)
+        vol = run.load(name)
         t0 = time.perf_counter()
-        if cfg.model.dim == 2:
-            pred = predict_volume_2d(model, vol.image, AXES[cfg.data.axis], batch_size=32,
-                                     tta_flip=tta_flip, device=dev)
-        else:
-            pred = predict_volume_3d(model, vol.image, roi_size=tuple(cfg.data.patch_size),
-                                     tta_flip=tta_flip, device=dev)
-        if dev.type == "cuda":
+        pred = run.predict(vol.image, tta_flip)
+        if run.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         pred = np.asarray(pred)
         spacing = tuple(float(s) for s in np.linalg.norm(vol.affine[:3, :3], axis=0))
-        for r in evaluate_volume(pred, vol.label, k, ds.class_names, spacing=spacing,
+        for r in evaluate_volume(pred, vol.label, k, run.dataset.class_names, spacing=spacing,
                                  surface=surface):
             rows.append(dict(r, volume=name))
+        if save_dir is not None:
+            save_prediction_nifti(pred, vol.affine, vol.label_values,
+                                  Path(save_dir) / f"{name}.nii.gz")
         if keep_example and example is None:
             example = dict(name=name, image=vol.image, label=vol.label, pred=pred,
-                           axis=AXES[cfg.data.axis])
-    hist = list(ckpt.get("history", []))
+                           axis=AXES[run.cfg.data.axis])
+    hist = list(run.ckpt.get("history", []))
+    cfg = run.cfg
     return RunEvaluation(
         run_dir=str(run_dir), arch=cfg.model.arch, attention=cfg.model.attention, seed=cfg.seed,
-        params=sum(p.numel() for p in model.parameters()),
+        params=sum(p.numel() for p in run.model.parameters()),
         train_seconds=float(sum(h.get("seconds", 0.0) for h in hist)),
         infer_seconds_per_volume=float(np.mean(times)) if times else float("nan"),
-        class_names=list(ds.class_names), rows=rows, history=hist, example=example)
+        class_names=list(run.dataset.class_names), rows=rows, history=hist, example=example)
+
+
+def format_run_summary(res: RunEvaluation) -> str:
+    """Plain-text table: per structure mean +- std over held-out volumes, and the overall mean."""
+    from .metrics import STATUSES, mean_std, summarise, volume_mean_dice
+
+    vols = sorted({r["volume"] for r in res.rows})
+    surface = any(np.isfinite(r["hd95"]) for r in res.rows)
+    dice = summarise(res.rows, "dice")
+    hd = summarise(res.rows, "hd95") if surface else {}
+    asd = summarise(res.rows, "asd") if surface else {}
+    head = f"{'structure':<24} {'Dice mean +- std':>18} {'n':>4}"
+    if surface:
+        head += f" {'HD95':>16} {'ASD':>16}"
+    head += "  " + " ".join(f"{s:>8}" for s in STATUSES[1:])
+    lines = [f"{res.run_dir}: {res.arch} + {res.attention} (seed {res.seed}), {len(vols)} held-out "
+             f"volumes, {res.params:,} parameters, {res.infer_seconds_per_volume:.3f} s/volume", head]
+
+    def pm(t):
+        return f"{t[0]:.4f} +- {t[1]:.4f}" if t[2] else "n/a"
+
+    for name in res.class_names[1:]:
+        rows = [r for r in res.rows if r["structure"] == name]
+        line = f"{name:<24} {pm(dice[name]):>18} {dice[name][2]:>4}"
+        if surface:
+            line += f" {pm(hd[name]):>16} {pm(asd[name]):>16}"
+        counts = [sum(r["status"] == s for r in rows) for s in STATUSES[1:]]
+        lines.append(line + "  " + " ".join(f"{c:>8}" for c in counts))
+    per_vol = [volume_mean_dice([r for r in res.rows if r["volume"] == v]) for v in vols]
+    lines.append(f"{'mean over structures':<24} {pm(mean_std(per_vol)):>18} "
+                 f"{mean_std(per_vol)[2]:>4}")
+    lines.append("(missed: in reference, not predicted; false_positive: predicted, not in "
+                 "reference; absent structures are excluded from means)")
+    return "\n".join(lines)

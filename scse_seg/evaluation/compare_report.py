@@ -1,0 +1,247 @@
+"""Turn the evaluations of a grid (architectures x attentions x seeds) into the comparison the
+papers make: report.md, results.csv and the figures.
+
+Statistics: each variant is scored per held-out volume (mean Dice over the structures present),
+averaged over seeds per volume, then summarised as mean +- std over volumes and tested against
+the vanilla network (``none``) of the same architecture on the same volumes (Wilcoxon).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import mean_std, volume_mean_dice
+from .stats import seed_averaged, wilcoxon_p
+
+CSV_FIELDS = ["arch", "attention", "seed", "volume", "structure", "class_index", "dice", "hd95",
+              "asd", "status", "ref_voxels", "pred_voxels"]
+
+
+def _ordered(results, attr):
+    seen = []
+    for r in results:
+        v = getattr(r, attr)
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
+def per_volume_scores(res, metric: str = "dice") -> dict[str, float]:
+    """volume -> mean of ``metric`` over its scored structures (absent ones excluded)."""
+    by_vol = defaultdict(list)
+    for r in res.rows:
+        by_vol[r["volume"]].append(r)
+    if metric == "dice":
+        return {v: volume_mean_dice(rows) for v, rows in by_vol.items()}
+    out = {}
+    for v, rows in by_vol.items():
+        vals = [r[metric] for r in rows if np.isfinite(r[metric])]
+        out[v] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+def summary_rows(results) -> list[dict]:
+    """One dict per (arch, attention): the numbers of the report's main tables."""
+    groups = defaultdict(list)
+    for r in results:
+        groups[(r.arch, r.attention)].append(r)
+    surface = any(np.isfinite(row["hd95"]) for r in results for row in r.rows)
+    out = []
+    for arch in _ordered(results, "arch"):
+        base = groups.get((arch, "none"))
+        base_scores = seed_averaged([per_volume_scores(r) for r in base]) if base else {}
+        base_params = base[0].params if base else None
+        base_mean = mean_std(base_scores.values())[0] if base else math.nan
+        for attn in _ordered(results, "attention"):
+            runs = groups.get((arch, attn))
+            if not runs:
+                continue
+            scores = seed_averaged([per_volume_scores(r) for r in runs])
+            m, s, n = mean_std(scores.values())
+            row = dict(arch=arch, attention=attn, dice_mean=m, dice_std=s, volumes=n,
+                       seeds=len(runs),
+                       seed_means=[mean_std(per_volume_scores(r).values())[0] for r in runs],
+                       delta=m - base_mean if attn != "none" else 0.0,
+                       p=wilcoxon_p(scores, base_scores) if attn != "none" and base else math.nan,
+                       params=runs[0].params,
+                       overhead=(runs[0].params / base_params - 1) if base_params else math.nan,
+                       train_s=float(np.mean([r.train_seconds for r in runs])),
+                       infer_s=float(np.mean([r.infer_seconds_per_volume for r in runs])))
+            if surface:
+                for metric in ("hd95", "asd"):
+                    row[metric] = mean_std(seed_averaged(
+                        [per_volume_scores(r, metric) for r in runs]).values())[:2]
+            out.append(row)
+    return out
+
+
+def structure_means(results) -> dict[str, dict[str, dict[str, tuple[float, float, int]]]]:
+    """arch -> attention -> structure -> (mean, std, n) of Dice over volumes (seed-averaged)."""
+    acc = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    for r in results:
+        for row in r.rows:
+            if row["status"] != "absent":
+                acc[r.arch][r.attention][row["structure"]][row["volume"]].append(row["dice"])
+    out = {}
+    for arch in _ordered(results, "arch"):
+        out[arch] = {}
+        for attn in _ordered(results, "attention"):
+            if attn not in acc[arch]:
+                continue
+            out[arch][attn] = {s: mean_std([np.mean(v) for v in acc[arch][attn][s].values()])
+                               for s in results[0].class_names[1:]}
+    return out
+
+
+def _fmt(x, spec=".4f"):
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
+def _p(p):
+    if not np.isfinite(p):
+        return "n/a"
+    return f"{p:.2g}" + (" *" if p < 0.05 else "")
+
+
+def render_markdown(results, spec=None, wall_seconds: float | None = None) -> str:
+    rows = summary_rows(results)
+    structs = structure_means(results)
+    surface = "hd95" in rows[0]
+    r0 = results[0]
+    vols = sorted({row["volume"] for row in r0.rows})
+    out = io.StringIO()
+    w = out.write
+    w("# Attention variants vs the vanilla network\n\n")
+    w(f"{len(vols)} held-out volumes (the same for every run), {len(_ordered(results, 'seed'))} "
+      f"seed(s) per variant, {len(r0.history)} epochs each; last checkpoint evaluated "
+      "(no checkpoint selection on the held-out volumes).\n")
+    if spec is not None and getattr(spec, "base", None):
+        data = (spec.base.get("data") or {}).get("path")
+        for o in getattr(spec, "overrides", []):
+            data = (o.get("data") or {}).get("path", data)
+        if data:
+            w(f"Data: `{data}`.\n")
+    if wall_seconds is not None:
+        w(f"Grid wall time: {wall_seconds / 60:.1f} min (training and evaluation, summed over the "
+          "invocations that built this folder).\n")
+    w("\nDice: per volume, the mean over the structures present in the reference or the "
+      "prediction, averaged over seeds; mean ± std over volumes. Δ: difference to `none` of the "
+      "same architecture in Dice points (×100). p: two-sided Wilcoxon signed-rank test vs `none` "
+      "on the per-volume Dice (* p < 0.05). Training time: sum of the epochs' training time "
+      "(validation excluded), mean over seeds. Inference: whole-volume prediction time.\n")
+    for arch in _ordered(results, "arch"):
+        arows = [r for r in rows if r["arch"] == arch]
+        best = max((r["dice_mean"] for r in arows if np.isfinite(r["dice_mean"])), default=None)
+        w(f"\n## {arch}\n\n")
+        head = ["variant", "Dice mean ± std", "per-seed means", "Δ vs none", "Wilcoxon p",
+                "parameters", "overhead", "train time (s)", "inference (s/volume)"]
+        if surface:
+            head[5:5] = ["HD95 (mm)", "ASD (mm)"]
+        w("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+        for r in arows:
+            dice = f"{_fmt(r['dice_mean'])} ± {_fmt(r['dice_std'])}"
+            if best is not None and r["dice_mean"] == best:
+                dice = f"**{dice}**"
+            cells = [r["attention"], dice, ", ".join(_fmt(x, ".3f") for x in r["seed_means"]),
+                     "—" if r["attention"] == "none" else f"{100 * r['delta']:+.2f}",
+                     "—" if r["attention"] == "none" else _p(r["p"]),
+                     f"{r['params']:,}",
+                     "—" if r["attention"] == "none" else f"{100 * r['overhead']:+.2f}%",
+                     f"{r['train_s']:.0f}", f"{r['infer_s']:.3f}"]
+            if surface:
+                cells[5:5] = [f"{_fmt(r['hd95'][0], '.2f')} ± {_fmt(r['hd95'][1], '.2f')}",
+                              f"{_fmt(r['asd'][0], '.2f')} ± {_fmt(r['asd'][1], '.2f')}"]
+            w("| " + " | ".join(cells) + " |\n")
+    w("\n## Per-structure Dice (mean ± std over volumes)\n")
+    for arch, by_attn in structs.items():
+        attns = list(by_attn)
+        w(f"\n### {arch}\n\n| structure | " + " | ".join(attns) + " |\n|" + "---|" * (len(attns) + 1)
+          + "\n")
+        for s in results[0].class_names[1:]:
+            vals = [by_attn[a][s] for a in attns]
+            finite = {round(v[0], 3) for v in vals if np.isfinite(v[0])}
+            top = max(v[0] for v in vals if np.isfinite(v[0])) if len(finite) > 1 else None
+            cells = []
+            for v in vals:
+                c = f"{_fmt(v[0], '.3f')} ± {_fmt(v[1], '.3f')}"
+                cells.append(f"**{c}**" if top is not None and v[0] == top else c)
+            w(f"| {s} | " + " | ".join(cells) + " |\n")
+    w("\nFigures: `dice_boxplot.png`, `structures.png`, `overlay.png`, `curves.png`; every "
+      "per-volume, per-structure number: `results.csv`.\n")
+    return out.getvalue()
+
+
+def write_results_csv(results, path: Path) -> Path:
+    from ..training.checkpoint import atomic_write_text
+
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    wr.writeheader()
+    for r in results:
+        for row in r.rows:
+            wr.writerow(dict(row, arch=r.arch, attention=r.attention, seed=r.seed))
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _example_predictions(results, device=None):
+    """Re-predict one held-out volume with the first seed of every variant (cached evaluations
+    keep numbers, not volumes). Returns (volume, axis, arch -> attention -> prediction)."""
+    from ..training.engine import AXES
+    from .runs import open_run
+
+    first = {}
+    for r in results:
+        first.setdefault((r.arch, r.attention), r)
+    preds: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    vol = axis = None
+    for (arch, attn), r in first.items():
+        run = open_run(r.run_dir, device=device)
+        if vol is None:
+            vol = run.load(run.val[0])
+            axis = AXES[run.cfg.data.axis]
+        preds[arch][attn] = np.asarray(run.predict(vol.image))
+    return vol, axis, dict(preds)
+
+
+def write_comparison(results, spec=None, out: str | Path | None = None,
+                     wall_seconds: float | None = None, device: str | None = None) -> Path:
+    """Write report.md, results.csv, dice_boxplot.png, structures.png, overlay.png and curves.png
+    into ``out`` (default ``spec.out``); returns the report path."""
+    from ..training.checkpoint import atomic_write_text
+    from . import plots
+
+    if not results:
+        raise ValueError("no evaluated runs to compare")
+    out = Path(out if out is not None else spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results_csv(results, out / "results.csv")
+
+    per_volume: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    histories: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    groups = defaultdict(list)
+    for r in results:
+        groups[(r.arch, r.attention)].append(r)
+        histories[r.arch][r.attention].append(r.history)
+    for (arch, attn), runs in groups.items():
+        per_volume[arch][attn] = list(seed_averaged([per_volume_scores(r) for r in runs]).values())
+    plots.dice_boxplot(per_volume, out / "dice_boxplot.png")
+    structs = structure_means(results)
+    plots.structure_plot({a: {t: {s: v[0] for s, v in d.items()} for t, d in by.items()}
+                          for a, by in structs.items()}, out / "structures.png")
+    plots.training_curves(histories, out / "curves.png")
+    vol, axis, preds = _example_predictions(results, device)
+    plots.overlay_plot(vol.image, vol.label, preds, axis, len(results[0].class_names),
+                       out / "overlay.png", title=f"held-out volume {vol.name}")
+    report = out / "report.md"
+    atomic_write_text(report, render_markdown(results, spec, wall_seconds))
+    return report
+
+
+__all__ = ["write_comparison", "render_markdown", "summary_rows", "structure_means",
+           "per_volume_scores", "write_results_csv"]

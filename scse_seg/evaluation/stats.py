@@ -1,0 +1,51 @@
+"""Paired significance of a variant against the vanilla baseline on the same held-out volumes.
+
+The papers compare per-volume mean Dice with a Wilcoxon signed-rank test. With several seeds,
+each volume's score is first averaged over seeds (the seeds are repeated measurements of one
+pair, not extra volumes: counting them as volumes would inflate n and shrink p).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def paired(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Values of the volumes present (and finite) in both mappings, in the same order."""
+    keys = sorted(k for k in a.keys() & b.keys()
+                  if np.isfinite(a[k]) and np.isfinite(b[k]))
+    return (np.array([a[k] for k in keys], dtype=np.float64),
+            np.array([b[k] for k in keys], dtype=np.float64))
+
+
+def wilcoxon_p(variant: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of ``variant - baseline`` over paired volumes.
+
+    NaN when it is undefined: fewer than two pairs, or all differences zero (identical
+    predictions), rather than an error or a misleading 1.0.
+    """
+    from scipy.stats import wilcoxon
+
+    x, y = paired(variant, baseline)
+    d = x - y
+    if d.size < 2 or np.all(d == 0):
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small-n normal-approximation notes
+        return float(wilcoxon(x, y, alternative="two-sided").pvalue)
+
+
+def seed_averaged(per_seed: list[Mapping[str, float]]) -> dict[str, float]:
+    """Average each volume's score over the seeds that scored it."""
+    acc: dict[str, list[float]] = {}
+    for scores in per_seed:
+        for k, v in scores.items():
+            if np.isfinite(v):
+                acc.setdefault(k, []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+__all__ = ["paired", "wilcoxon_p", "seed_averaged"]

@@ -184,6 +184,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = cfg.model.build(1, data.num_classes).to(self.device)
         if self.info.enabled and tc.sync_batchnorm:
+            if self.device.type != "cuda":  # SyncBatchNorm raises on CPU tensors in forward
+                raise ConfigError("config key 'train.sync_batchnorm': SyncBatchNorm needs CUDA "
+                                  f"devices, this run is on {self.device}; set it to false")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.device.type == "cuda" and tc.channels_last:
             model = model.to(memory_format=torch.channels_last if cfg.model.dim == 2
@@ -222,10 +225,13 @@ class Trainer:
                 for tmp in self.run_dir.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)
             _check_compatible(ckpt, cfg, data, self.run_dir)
-        # class weights: computed once on rank 0, shared with every rank
+        # class weights: computed once on rank 0, broadcast to every rank (on self.device: an
+        # NCCL process group moves CUDA tensors only)
         weights = None
         if cfg.loss.class_weighting == "median_frequency":
-            w = torch.as_tensor(median_frequency_weights(data.class_counts), dtype=torch.float32)
+            w = torch.zeros(data.num_classes, dtype=torch.float32, device=self.device)
+            if info.is_main:
+                w.copy_(torch.as_tensor(median_frequency_weights(data.class_counts)))
             weights = ddp.broadcast_(w, info)
         model, opt, sched = self._build(data)
         self.model, self.data = model, data

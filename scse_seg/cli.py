@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -96,5 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
-    print(f"done: best validation Dice {result['best_dice']:.4f}; run folder {result['run_dir']}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
+        print(f"done: best validation Dice {result['best_dice']:.4f}; run folder {result['run_dir']}")
     return 0

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny and fast on 2 CPU cores: 4 small volumes, width-4 networks, 3 steps per epoch.
@@ -20,4 +22,8 @@ def phantom_args(root: Path) -> list[str]:
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 300):
     """Run train_seg.py in a subprocess (exit status and stderr as a user sees them)."""
     return subprocess.run([sys.executable, str(ROOT / "train_seg.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+                          text=True, timeout=timeout, cwd=ROOT,
+                          # same thread count as this process (conftest), so that runs compared
+                          # bit for bit with an in-process reference reduce in the same order
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+                               **(env or {})})

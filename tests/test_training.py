@@ -97,7 +97,8 @@ def test_sigkill_at_random_time_then_resume(tiny_phantom, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_seg.py"), *phantom_args(tiny_phantom),
                              "--epochs", "3", "--out", str(out), *FAST], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

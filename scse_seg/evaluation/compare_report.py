@@ -127,8 +127,8 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
         if data:
             w(f"Data: `{data}`.\n")
     if wall_seconds is not None:
-        w(f"Grid wall time: {wall_seconds / 60:.1f} min (training and evaluation, summed over the "
-          "invocations that built this folder).\n")
+        w(f"Grid wall time: {wall_seconds / 60:.1f} min (training and evaluation, without writing "
+          "this report; summed over the invocations that built this folder).\n")
     w("\nDice: per volume, the mean over the structures present in the reference or the "
       "prediction, averaged over seeds; mean ± std over volumes. Δ: difference to `none` of the "
       "same architecture in Dice points (×100). p: two-sided Wilcoxon signed-rank test vs `none` "

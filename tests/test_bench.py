@@ -1,0 +1,94 @@
+"""Smoke test of the benchmarks (bench/): the whole command on CPU at a tiny size, one timed call
+per repetition. Checks that the tables have every row and column, not any timing."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from bench import bench_blocks, bench_models, run  # noqa: E402
+from bench.common import Workload  # noqa: E402
+
+TINY = ["--device", "cpu", "--size", "32", "--batch", "2", "--width", "16", "--classes", "3",
+        "--encoder", "efficientnet-b0", "--warmup", "0", "--iters", "1", "--block-warmup", "0",
+        "--block-iters", "1", "--copy-mib", "8", "--threads", "1"]  # 1 thread: robust on busy CI
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        result = run.main(["all", *TINY, "--no-fused", "--out", str(out)], log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out, result
+
+
+def test_models_table_has_every_row_and_column(report):
+    out, result = report
+    rows = _csv(out / "models.csv")
+    assert len(rows) == len(result["models"]) == 4 * 4 + 2
+    got = {(r["arch"].split()[0], r["attention"]) for r in rows}
+    assert got == {(a, att) for a in ("unet", "densenet", "sdnet", "smp_unet")
+                   for att in bench_models.ATTENTIONS} | {("smp.Unet(efficientnet-b0)", "none"),
+                                                          ("smp.Unet(efficientnet-b0)", "scse")}
+    for r in result["models"]:
+        for key, _, _ in bench_models.COLUMNS:
+            assert key in r, key
+        assert r["ms_rep1"] > 0 and r["ms_rep2"] > 0 and r["slices_per_s"] > 0
+        assert r["overhead_pct"] is not None
+        if r["attention"] == "none":
+            assert r["overhead_pct"] == 0
+    text = (out / "report.md").read_text()
+    assert "## Training step" in text and "## SE blocks" in text
+    for _, header, _ in bench_models.COLUMNS + bench_blocks.COLUMNS:
+        assert f" {header} |" in text, header
+
+
+def test_blocks_table_covers_every_shape_and_variant(report):
+    out, result = report
+    rows = _csv(out / "blocks.csv")
+    shapes = bench_blocks.attention_shapes(bench_blocks.BLOCK_ARCHS, Workload(size=32, width=16))
+    # unet: 16..256 channels over 5 levels; densenet/sdnet: 16 channels at every level
+    assert {s["chw"] for s in shapes} == {(16 * 2 ** i, 32 >> i, 32 >> i) for i in range(5)} | {
+        (16, 32 >> i, 32 >> i) for i in range(5)}
+    assert len(rows) == len(shapes) * len(bench_blocks.VARIANTS)
+    for r in result["blocks"]:
+        has_floor = r["variant"] != "none"
+        assert (r["fb_ratio"] is not None) == has_floor
+        assert r["fwd_us"] > 0 and r["fb_us"] > 0
+
+
+def test_settings_grid_and_bad_input():
+    args = run.resolve(run.parser().parse_args(
+        ["models", *TINY[:-2], "--dtype", "fp32", "bf16", "--layout", "nchw", "channels_last",
+         "--compile", "both"]))
+    assert len(run.settings(args)) == 8
+    with pytest.raises(SystemExit):
+        run.resolve(run.parser().parse_args(["models", "--device", "cpu", "--size", "48"]))
+
+
+def test_fused_check_under_triton_interpreter(tmp_path):
+    """CPU --fused: the block table compares the kernels (Triton interpreter) with the eager
+    formulas; a child process, since the interpreter must be on before Triton is imported."""
+    pytest.importorskip("triton")
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "blocks", *TINY, "--fused",
+           "--block-archs", "sdnet", "--variants", "scse_max", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _csv(tmp_path / "blocks.csv")
+    assert len(rows) == 5 and all(float(r["fused_rel_err"]) < 1e-5 for r in rows)

@@ -297,6 +297,9 @@ def test_available_follows_interpreter_flag(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.available() == _triton_importable()
+    monkeypatch.setenv("SCSE_SEG_FUSED", "0")  # the off switch wins, even when they could run
+    assert kernels.available() is False
+    monkeypatch.delenv("SCSE_SEG_FUSED")
     monkeypatch.delenv("TRITON_INTERPRET")
     assert kernels.available() == (_triton_importable() and torch.cuda.is_available())
 

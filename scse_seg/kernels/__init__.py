@@ -43,7 +43,10 @@ def interpreting() -> bool:
 
 def available() -> bool:
     """True when the fused kernels can run: Triton imports and either a CUDA device is present or
-    the Triton interpreter is on (then they run, slowly, on CPU tensors)."""
+    the Triton interpreter is on (then they run, slowly, on CPU tensors). ``SCSE_SEG_FUSED=0``
+    turns them off, so every block runs its eager formulas (e.g. to rule the kernels out)."""
+    if os.environ.get("SCSE_SEG_FUSED", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False  # escape hatch: eager formulas everywhere
     if not _triton_importable():
         return False
     return interpreting() or torch.cuda.is_available()

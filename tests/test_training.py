@@ -74,16 +74,21 @@ def _reference(tiny_phantom, tmp_path, epochs=3):
 def test_sigkill_during_checkpoint_write_then_resume(tiny_phantom, tmp_path):
     ref = _reference(tiny_phantom, tmp_path)
     out = tmp_path / "killed"
-    # write 1 = epoch 1 last.pt, 2 = epoch 1 best.pt, 3 = epoch 2 last.pt: die half-way through it
+    # write 1 = epoch 1 best.pt, 2 = epoch 1 last.pt, 3 = epoch 2 best.pt (or last.pt if epoch 2
+    # did not improve): die half-way through it
     r = run_cli([*phantom_args(tiny_phantom), "--epochs", "3", "--out", str(out), *FAST],
                 env={"SCSE_SEG_FAILPOINT": "checkpoint_write:3"})
     assert r.returncode == -signal.SIGKILL
     assert load_checkpoint(out / "last.pt")["epoch"] == 1  # previous good checkpoint survived
-    assert list(out.glob(".last.pt.*.tmp"))  # the half-written temp file is there ...
+    assert list(out.glob(".*.pt.*.tmp"))  # the half-written temp file is there ...
     r = run_cli(["--resume", str(out), "--no-progress"])
     assert r.returncode == 0, r.stderr
     assert not list(out.glob(".*.tmp"))  # ... and cleaned up on resume
     _assert_same_weights(_weights(out), ref)
+    # best.pt too: the epoch whose best.pt write was cut short is redone, so nothing is lost
+    best, ref_best = load_checkpoint(out / "best.pt"), load_checkpoint(tmp_path / "ref" / "best.pt")
+    assert best["epoch"] == ref_best["epoch"]
+    _assert_same_weights(best["model"], ref_best["model"])
 
 
 def test_sigkill_at_random_time_then_resume(tiny_phantom, tmp_path):

@@ -316,9 +316,11 @@ class Trainer:
                              class_names=data.class_names, label_values=data.label_values,
                              history=history, arch=cfg.model.arch,
                              attention=cfg.model.attention, num_classes=data.num_classes)
-                save_checkpoint(state, self.run_dir / "last.pt")
+                # best.pt before last.pt: a kill during either write leaves last.pt at the
+                # previous epoch, so --resume redoes this epoch and writes both again
                 if improved:
                     save_checkpoint(state, self.run_dir / "best.pt")
+                save_checkpoint(state, self.run_dir / "last.pt")
                 _write_log(self.run_dir / "log.csv", history)
                 if tb is not None:
                     for k, v in row.items():

@@ -143,3 +143,18 @@ def test_3d_patch_training(tiny_phantom, tmp_path):
     assert main([*phantom_args(tiny_phantom), "--dim", "3", "--epochs", "1", "--out", str(out),
                  "data.patch_size=[16,16,16]", "data.samples_per_volume=2", *FAST]) == 0
     assert float(_log(out)[0]["val_dice"]) >= 0
+
+
+def test_sigkill_before_first_checkpoint_then_resume(tiny_phantom, tmp_path):
+    """Killed during the very first checkpoint write: no last.pt yet, --resume starts the run
+    again from epoch 1 instead of refusing, and ends where an uninterrupted run ends."""
+    ref = _reference(tiny_phantom, tmp_path)
+    out = tmp_path / "killed"
+    r = run_cli([*phantom_args(tiny_phantom), "--epochs", "3", "--out", str(out), *FAST],
+                env={"SCSE_SEG_FAILPOINT": "checkpoint_write:1"})
+    assert r.returncode == -signal.SIGKILL and not (out / "last.pt").exists()
+    r = run_cli(["--resume", str(out), "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert "starting it from epoch 1" in r.stdout
+    assert not list(out.glob(".*.tmp"))
+    _assert_same_weights(_weights(out), ref)

@@ -163,6 +163,16 @@ class Trainer:
         self.progress = tc.progress
 
     # ----------------------------------------------------------------- set-up
+    def _resolve_resume(self) -> None:
+        """--resume on a run stopped before its first checkpoint (it has config.yaml, no last.pt)
+        starts it again from epoch 1: nothing is lost. Decided on every rank alike."""
+        if self.resume and not (self.run_dir / "last.pt").is_file() \
+                and (self.run_dir / "config.yaml").is_file():
+            if self.info.is_main:
+                print(f"[scse_seg] {self.run_dir} has no checkpoint yet (stopped during epoch 1); "
+                      "starting it from epoch 1", flush=True)
+            self.resume = False
+
     def _check_run_dir(self) -> None:
         last = self.run_dir / "last.pt"
         if self.resume and not last.is_file():
@@ -203,6 +213,7 @@ class Trainer:
     # ----------------------------------------------------------------- main loop
     def fit(self) -> dict:
         info = self.info
+        self._resolve_resume()
         if info.is_main:
             self._check_run_dir()
         ddp.init(info, self.device)
@@ -219,11 +230,11 @@ class Trainer:
                 torch.backends.cudnn.benchmark = False
         data = prepare_data(cfg, info, self.progress)
         ckpt = None
+        if info.is_main and self.run_dir.is_dir():  # temp files of a write killed half-way
+            for tmp in self.run_dir.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
         if self.resume:
             ckpt = load_checkpoint(self.run_dir / "last.pt")
-            if info.is_main:  # temp files of a write that was killed half-way
-                for tmp in self.run_dir.glob(".*.tmp"):
-                    tmp.unlink(missing_ok=True)
             _check_compatible(ckpt, cfg, data, self.run_dir)
         # class weights: computed once on rank 0, broadcast to every rank (on self.device: an
         # NCCL process group moves CUDA tensors only)

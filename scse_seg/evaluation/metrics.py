@@ -43,11 +43,17 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.nd
     return _dice(confusion_counts(pred, ref, num_classes))
 
 
-def _dice(cm: np.ndarray) -> np.ndarray:
-    inter = np.diag(cm).astype(np.float64)
-    denom = cm.sum(0) + cm.sum(1)
+def dice_from_counts(counts: np.ndarray) -> np.ndarray:
+    """counts[..., k, (intersection, pred, ref)] -> Dice per class (NaN where absent in both).
+    The one Dice formula: validation during training sums these counts across ranks first."""
+    inter, pred, ref = counts[..., 0], counts[..., 1], counts[..., 2]
+    denom = pred + ref
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), np.nan)
+        return np.where(denom > 0, 2 * inter / np.maximum(denom, 1e-12), np.nan)
+
+
+def _dice(cm: np.ndarray) -> np.ndarray:
+    return dice_from_counts(np.stack([np.diag(cm), cm.sum(0), cm.sum(1)], -1).astype(np.float64))
 
 
 def _status(in_ref: bool, in_pred: bool) -> str:
@@ -123,5 +129,5 @@ def summarise(rows: Sequence[dict], metric: str = "dice") -> dict[str, tuple[flo
     return {k: mean_std(v) for k, v in out.items()}
 
 
-__all__ = ["STATUSES", "confusion_counts", "dice_per_class", "surface_distances",
+__all__ = ["STATUSES", "confusion_counts", "dice_from_counts", "dice_per_class", "surface_distances",
            "evaluate_volume", "volume_mean_dice", "mean_std", "summarise"]

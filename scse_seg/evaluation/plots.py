@@ -59,7 +59,7 @@ def structure_plot(per_structure: Mapping[str, Mapping[str, Mapping[str, float]]
     plt = _plt()
     archs = list(per_structure)
     structures = list(next(iter(next(iter(per_structure.values())).values())))
-    height = max(2.5, 0.28 * len(structures) * 1.0 + 1.2)
+    height = max(2.5, 0.28 * len(structures) + 1.2)
     fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), height), squeeze=False,
                              sharey=True)
     y = np.arange(len(structures))

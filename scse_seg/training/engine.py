@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Config, config_from_dict, save_config
 from ..errors import ConfigError, DataError, UserError
+from ..evaluation.metrics import dice_from_counts
 from . import distributed as ddp
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .losses import SegmentationLoss, median_frequency_weights
@@ -48,14 +49,6 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"config key 'train.device' is {name!r} but no CUDA device is available; "
                           "use train.device=cpu or auto")
     return torch.device(name)
-
-
-def dice_from_counts(counts: np.ndarray) -> np.ndarray:
-    """counts[..., k, (intersection, pred, ref)] -> Dice per class (NaN where absent in both)."""
-    inter, pred, ref = counts[..., 0], counts[..., 1], counts[..., 2]
-    denom = pred + ref
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, 2 * inter / np.maximum(denom, 1e-12), np.nan)
 
 
 def dice_counts(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:

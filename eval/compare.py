@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from scse_seg.evaluation.grid import GridSpec, run_grid
+        from scse_seg.grid import GridSpec, run_grid
 
         spec = GridSpec.from_args(args)
         out = run_grid(spec)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scse_seg.errors import UserError
-from scse_seg.training import checkpoint as ck
+from scse_seg import fileio as ck
 
 
 def test_roundtrip(tmp_path):
@@ -68,7 +68,7 @@ def test_sigkill_during_write_keeps_previous(tmp_path):
     """The failpoint kills the writer after half the temp file is written."""
     path = tmp_path / "last.pt"
     ck.save_checkpoint({"epoch": 1}, path)
-    code = (f"import torch; from scse_seg.training.checkpoint import save_checkpoint; "
+    code = (f"import torch; from scse_seg.fileio import save_checkpoint; "
             f"save_checkpoint({{'epoch': 2, 'w': torch.zeros(100000)}}, {str(path)!r})")
     env = {**os.environ, "SCSE_SEG_FAILPOINT": "checkpoint_write:1"}
     r = subprocess.run([sys.executable, "-c", code], env=env)

@@ -21,7 +21,7 @@ def test_every_shipped_config_is_valid(path):
         sys.path.insert(0, str(CONFIGS.parent / "eval"))
         from compare import build_parser
 
-        from scse_seg.evaluation.grid import GridSpec
+        from scse_seg.grid import GridSpec
 
         spec = GridSpec.from_args(build_parser().parse_args(["--config", str(path)]))
         assert spec.seeds >= 2 and "none" in spec.attns and len(spec.archs) == 3

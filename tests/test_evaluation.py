@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from helpers import FAST, ROOT
 
-from scse_seg.evaluation.metrics import (
+from scse_seg.evaluation.stats import seed_averaged, wilcoxon_p
+from scse_seg.metrics import (
     dice_per_class,
     evaluate_volume,
     mean_std,
     surface_distances,
     volume_mean_dice,
 )
-from scse_seg.evaluation.stats import seed_averaged, wilcoxon_p
 
 sys.path.insert(0, str(ROOT / "eval"))
 

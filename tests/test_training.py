@@ -10,7 +10,7 @@ import yaml
 from helpers import FAST, phantom_args, run_cli
 
 from scse_seg.cli import main
-from scse_seg.training.checkpoint import load_checkpoint
+from scse_seg.fileio import load_checkpoint
 
 
 def _weights(run_dir):

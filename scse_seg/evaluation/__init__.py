@@ -1,7 +1,8 @@
-"""Evaluation: whole-volume inference, per-structure metrics, paired statistics, figures and the
-variant-comparison grid (``eval/compare.py``) that reproduces the papers' experiment."""
-from .inference import predict_volume_2d, predict_volume_3d, save_prediction_nifti
-from .metrics import dice_per_class, evaluate_volume, mean_std, summarise, surface_distances
+"""Evaluation: a trained run on its held-out volumes, paired statistics, figures and the
+comparison report. Volume inference and metrics live below it (``scse_seg.inference``,
+``scse_seg.metrics``) and are re-exported here."""
+from ..inference import predict_volume_2d, predict_volume_3d, save_prediction_nifti
+from ..metrics import dice_per_class, evaluate_volume, mean_std, summarise, surface_distances
 from .runs import RunEvaluation, evaluate_run, format_run_summary, open_run
 from .stats import wilcoxon_p
 

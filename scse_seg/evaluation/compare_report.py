@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import mean_std, volume_mean_dice
+from ..metrics import mean_std, volume_mean_dice
 from .stats import seed_averaged, wilcoxon_p
 
 CSV_FIELDS = ["arch", "attention", "seed", "volume", "structure", "class_index", "dice", "hd95",
@@ -177,7 +177,7 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
 
 
 def write_results_csv(results, path: Path) -> Path:
-    from ..training.checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
 
     buf = io.StringIO()
     wr = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -192,7 +192,7 @@ def write_results_csv(results, path: Path) -> Path:
 def _example_predictions(results, device=None):
     """Re-predict one held-out volume with the first seed of every variant (cached evaluations
     keep numbers, not volumes). Returns (volume, axis, arch -> attention -> prediction)."""
-    from ..training.engine import AXES
+    from ..data import AXIS_INDEX
     from .runs import open_run
 
     first = {}
@@ -204,7 +204,7 @@ def _example_predictions(results, device=None):
         run = open_run(r.run_dir, device=device)
         if vol is None:
             vol = run.load(run.val[0])
-            axis = AXES[run.cfg.data.axis]
+            axis = AXIS_INDEX[run.cfg.data.axis]
         preds[arch][attn] = np.asarray(run.predict(vol.image))
     return vol, axis, dict(preds)
 
@@ -213,7 +213,7 @@ def write_comparison(results, spec=None, out: str | Path | None = None,
                      wall_seconds: float | None = None, device: str | None = None) -> Path:
     """Write report.md, results.csv, dice_boxplot.png, structures.png, overlay.png and curves.png
     into ``out`` (default ``spec.out``); returns the report path."""
-    from ..training.checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
     from . import plots
 
     if not results:

@@ -30,7 +30,7 @@ class RunEvaluation:
 
 def load_run(run_dir: str | Path, checkpoint: str = "last.pt", device: str | torch.device = "cpu"):
     """(model in eval mode, checkpoint dict, config) of a run folder."""
-    from ..training.checkpoint import load_checkpoint
+    from ..fileio import load_checkpoint
 
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / checkpoint)
@@ -55,11 +55,11 @@ class _OpenRun:
         return D.load_case(next(c for c in self.dataset.cases if c.name == name), self.dataset)
 
     def predict(self, image: np.ndarray, tta_flip: bool = False) -> np.ndarray:
-        from ..training.engine import AXES
-        from .inference import predict_volume_2d, predict_volume_3d
+        from ..data import AXIS_INDEX
+        from ..inference import predict_volume_2d, predict_volume_3d
 
         if self.cfg.model.dim == 2:
-            return predict_volume_2d(self.model, image, AXES[self.cfg.data.axis], batch_size=32,
+            return predict_volume_2d(self.model, image, AXIS_INDEX[self.cfg.data.axis], batch_size=32,
                                      tta_flip=tta_flip, device=self.device)
         return predict_volume_3d(self.model, image, roi_size=tuple(self.cfg.data.patch_size),
                                  tta_flip=tta_flip, device=self.device)
@@ -70,7 +70,7 @@ def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str 
     """Model, checkpoint, config and the dataset a run folder was trained on, checked against
     each other (same classes, held-out volumes present)."""
     from .. import data as D
-    from ..training.engine import resolve_device
+    from ..runtime import resolve_device
 
     run_dir = Path(run_dir)
     if not (run_dir / checkpoint).is_file():
@@ -108,9 +108,9 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
     """
     from tqdm.auto import tqdm
 
-    from ..training.engine import AXES
-    from .inference import save_prediction_nifti
-    from .metrics import evaluate_volume
+    from ..data import AXIS_INDEX
+    from ..inference import save_prediction_nifti
+    from ..metrics import evaluate_volume
 
     run_dir = Path(run_dir)
     run = open_run(run_dir, data_path, checkpoint, device)
@@ -134,7 +134,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
                                   Path(save_dir) / f"{name}.nii.gz")
         if keep_example and example is None:
             example = dict(name=name, image=vol.image, label=vol.label, pred=pred,
-                           axis=AXES[run.cfg.data.axis])
+                           axis=AXIS_INDEX[run.cfg.data.axis])
     hist = list(run.ckpt.get("history", []))
     cfg = run.cfg
     return RunEvaluation(
@@ -147,7 +147,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
 
 def format_run_summary(res: RunEvaluation) -> str:
     """Plain-text table: per structure mean +- std over held-out volumes, and the overall mean."""
-    from .metrics import STATUSES, mean_std, summarise, volume_mean_dice
+    from ..metrics import STATUSES, mean_std, summarise, volume_mean_dice
 
     vols = sorted({r["volume"] for r in res.rows})
     surface = any(np.isfinite(r["hd95"]) for r in res.rows)

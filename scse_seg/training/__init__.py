@@ -1,5 +1,5 @@
 """Training: median-frequency-balanced losses, the epoch loop, crash-safe checkpoints, DDP."""
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..fileio import atomic_write_text, load_checkpoint, save_checkpoint
 from .engine import NumericalError, Trainer, dice_counts, dice_from_counts, prepare_data
 from .losses import SegmentationLoss, label_boundaries, median_frequency_weights, soft_dice_loss
 

@@ -22,13 +22,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, config_from_dict, save_config
+from ..data.slices import AXIS_INDEX
 from ..errors import ConfigError, DataError, UserError
-from ..evaluation.metrics import dice_from_counts
+from ..fileio import atomic_write_text, load_checkpoint, save_checkpoint
+from ..inference import predict_volume_2d, predict_volume_3d
+from ..metrics import dice_counts, dice_from_counts
+from ..runtime import resolve_device
 from . import distributed as ddp
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .losses import SegmentationLoss, median_frequency_weights
 
-AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+AXES = AXIS_INDEX  # kept for callers of the old name
 CHECKPOINT_VERSION = 1
 
 
@@ -40,24 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'train.device' is {name!r} but no CUDA device is available; "
-                          "use train.device=cpu or auto")
-    return torch.device(name)
-
-
-def dice_counts(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(K, 3) float64 tensor of intersection, predicted and reference voxel counts per class."""
-    pred, ref = pred.reshape(-1), ref.reshape(-1)
-    k = num_classes
-    inter = torch.bincount(ref[pred == ref], minlength=k)[:k]
-    return torch.stack([inter, torch.bincount(pred, minlength=k)[:k],
-                        torch.bincount(ref, minlength=k)[:k]], dim=1).double()
 
 
 @dataclass
@@ -133,7 +118,7 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> Prep
 
 
 def _fit_size(volumes, axis: str) -> tuple[int, int]:
-    a = AXES[axis]
+    a = AXIS_INDEX[axis]
     inplane = [[s for i, s in enumerate(v.image.shape) if i != a] for v in volumes]
     h = max(p[0] for p in inplane)
     w = max(p[1] for p in inplane)
@@ -393,8 +378,6 @@ class Trainer:
     def _validate(self, model, data: PreparedData) -> np.ndarray:
         """Per-volume (V, K, 3) Dice counts on the held-out volumes; each rank predicts a shard
         of the volumes and the counts are summed across ranks (all_reduce)."""
-        from ..evaluation.inference import predict_volume_2d, predict_volume_3d
-
         info, cfg = self.info, self.cfg
         k = data.num_classes
         counts = torch.zeros(len(data.val_volumes), k, 3, dtype=torch.float64, device=self.device)
@@ -404,7 +387,7 @@ class Trainer:
             if i % info.world_size != info.rank:
                 continue
             if cfg.model.dim == 2:
-                pred = predict_volume_2d(model, vol.image, AXES[cfg.data.axis],
+                pred = predict_volume_2d(model, vol.image, AXIS_INDEX[cfg.data.axis],
                                          batch_size=cfg.train.val_batch_size, device=self.device)
             else:
                 pred = predict_volume_3d(model, vol.image, roi_size=tuple(cfg.data.patch_size),

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import build_config, load_yaml, parse_override
-from ..errors import ConfigError, UserError
+from .config import build_config, load_yaml, parse_override
+from .errors import ConfigError, UserError
 
 GRID_KEYS = {"archs", "attns", "seeds", "out", "surface", "tta"}
 
@@ -86,7 +86,7 @@ def _run_state(run_dir: Path, epochs: int) -> str:
     last = run_dir / "last.pt"
     if not last.is_file():
         return "new"
-    from ..training.checkpoint import load_checkpoint
+    from .fileio import load_checkpoint
 
     epoch = int(load_checkpoint(last).get("epoch", 0))
     return "done" if epoch >= epochs else "partial"
@@ -96,8 +96,8 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     """Train every missing run, then evaluate every run (cached in its eval.json), then report."""
     from tqdm.auto import tqdm
 
-    from ..training import Trainer
-    from .runs import evaluate_run
+    from .evaluation.runs import evaluate_run
+    from .training import Trainer
 
     t_start = time.perf_counter()
     spec.out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
             res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False)
             _save_eval(cache, res, spec, time.perf_counter() - t0)
         results.append(res)
-    from .compare_report import write_comparison
+    from .evaluation.compare_report import write_comparison
 
     write_comparison(results, spec, wall_seconds=_add_wall_time(spec.out, time.perf_counter() - t_start))
     return spec.out
@@ -137,7 +137,7 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
 def _add_wall_time(out: Path, seconds: float) -> float:
     """Accumulate this invocation's wall time in out/timing.json; return the total, so that a
     grid resumed after an interruption still reports what the whole grid cost."""
-    from ..training.checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     f = out / "timing.json"
     runs = json.loads(f.read_text()).get("invocations_s", []) if f.is_file() else []
@@ -147,7 +147,7 @@ def _add_wall_time(out: Path, seconds: float) -> float:
 
 
 def _save_eval(path: Path, ev, spec: GridSpec, seconds: float) -> None:
-    from ..training.checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     d = dict(ev.__dict__)
     d.pop("example", None)
@@ -156,7 +156,7 @@ def _save_eval(path: Path, ev, spec: GridSpec, seconds: float) -> None:
 
 
 def _from_cache(d: dict):
-    from .runs import RunEvaluation
+    from .evaluation.runs import RunEvaluation
 
     return RunEvaluation(**d)
 

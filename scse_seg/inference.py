@@ -1,0 +1,104 @@
+"""Whole-volume prediction: batched slice-wise 2D inference reassembled into 3D, and MONAI
+sliding-window inference for 3D models; optional test-time flip augmentation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _pad_to(x: torch.Tensor, multiple: int, dims: int):
+    """Pad the last ``dims`` axes up to a multiple; return the padded tensor and the crop."""
+    sizes = x.shape[-dims:]
+    pads = []
+    crop = []
+    for s in reversed(sizes):
+        extra = (-s) % multiple
+        pads += [extra // 2, extra - extra // 2]
+    for s in sizes:
+        extra = (-s) % multiple
+        crop.append(slice(extra // 2, extra // 2 + s))
+    mode = "replicate" if any(pads) else "constant"
+    return (F.pad(x, pads, mode=mode) if any(pads) else x), crop
+
+
+def _device_of(model, device):
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_volume_2d(model, image: np.ndarray, axis: int, batch_size: int = 16,
+                      tta_flip: bool = False, device=None, return_probs: bool = False,
+                      flip_axis: int = -1, multiple: int = 16):
+    """Predict a (X, Y, Z) volume slice by slice along ``axis``.
+
+    Slices are padded to a multiple of ``multiple`` (replicate border) and cropped back.
+    ``tta_flip`` averages the softmax with that of the slice flipped along in-plane ``flip_axis``
+    (flipped back). Returns int64 labels (X, Y, Z), or float32 probabilities (K, X, Y, Z).
+    """
+    dev = _device_of(model, device)
+    was_training = model.training
+    model.eval()
+    vol = torch.as_tensor(np.ascontiguousarray(np.moveaxis(image, axis, 0)), dtype=torch.float32)
+    outs = []
+    for start in range(0, vol.shape[0], batch_size):
+        x = vol[start:start + batch_size, None].to(dev)
+        x, crop = _pad_to(x, multiple, 2)
+        p = torch.softmax(model(x).float(), dim=1)
+        if tta_flip:
+            p = 0.5 * (p + torch.softmax(model(x.flip(flip_axis)).float(), 1).flip(flip_axis))
+        p = p[(Ellipsis, *crop)]
+        outs.append(p if return_probs else p.argmax(1))
+    model.train(was_training)
+    out = torch.cat(outs).cpu()
+    if return_probs:  # (S, K, a, b) -> (K, X, Y, Z)
+        return np.moveaxis(out.movedim(1, 0).numpy(), 1, axis + 1)
+    return np.moveaxis(out.numpy().astype(np.int64), 0, axis)
+
+
+@torch.no_grad()
+def predict_volume_3d(model, image: np.ndarray, roi_size=(32, 32, 32), sw_batch_size: int = 2,
+                      overlap: float = 0.25, tta_flip: bool = False, device=None,
+                      return_probs: bool = False, multiple: int = 16):
+    """Sliding-window prediction of a (X, Y, Z) volume with MONAI (Gaussian-weighted blending)."""
+    from monai.inferers import sliding_window_inference
+
+    dev = _device_of(model, device)
+    was_training = model.training
+    model.eval()
+    x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None].to(dev)
+    x, crop = _pad_to(x, multiple, 3)
+    roi = tuple(min(r, s) for r, s in zip(roi_size, x.shape[2:]))
+
+    def run(inp):
+        return torch.softmax(sliding_window_inference(inp, roi, sw_batch_size, model,
+                                                      overlap=overlap, mode="gaussian").float(), 1)
+
+    p = run(x)
+    if tta_flip:
+        p = 0.5 * (p + run(x.flip(-1)).flip(-1))
+    p = p[(0, slice(None), *crop)].cpu()
+    model.train(was_training)
+    return p.numpy() if return_probs else p.argmax(0).numpy().astype(np.int64)
+
+
+def save_prediction_nifti(labels: np.ndarray, affine: np.ndarray, label_values, path) -> Path:
+    """Write class indices as the dataset's ORIGINAL label values with the source affine."""
+    import nibabel as nib
+
+    values = np.asarray(label_values, dtype=np.int64)
+    out = values[np.asarray(labels, dtype=np.int64)]
+    dtype = np.uint8 if values.max() < 256 and values.min() >= 0 else np.int16
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(out.astype(dtype), np.asarray(affine, dtype=np.float64))
+    img.set_data_dtype(dtype)
+    nib.save(img, str(path))
+    return path

@@ -6,6 +6,8 @@ volumes and write report.md, results.csv and PNG figures.
   python eval/compare.py --data ../shared/data/Task04_Hippocampus --archs unet,densenet,sdnet \\
       --attns none,cse,sse,scse --seeds 2 --out runs/compare
   python eval/compare.py --config configs/compare_hippocampus_cpu.yaml
+  python eval/compare.py --data ../shared/data/LPBA40 --folds 4 --archs densenet \\
+      --attns none,scse --sweep model.reduction=2,16 model.placement=encoder,decoder,all
 
 An interrupted grid resumes: finished runs are reused, unfinished ones continue from last.pt.
 """
@@ -30,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archs", help="comma-separated architectures (default unet)")
     p.add_argument("--attns", help="comma-separated attentions (default none,cse,sse,scse)")
     p.add_argument("--seeds", type=int, help="number of seeds per variant (default 1)")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="K-fold cross-validation over subjects: every variant is trained on every "
+                        "fold and tested on all subjects (each held out once)")
+    p.add_argument("--sweep", action="append", nargs="+", metavar="KEY=V1,V2",
+                   help="also cross these config values, e.g. --sweep model.reduction=2,8,16 "
+                        "model.fusion=max,add (attention-only keys reuse one vanilla run)")
     p.add_argument("--epochs", type=int, help="training epochs of every run")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare)")
     p.add_argument("--surface", action="store_true", help="also HD95 and average surface distance")

@@ -28,7 +28,9 @@ class DataConfig:
     split_seed: int = 0  # train/validation split; fixed so every variant and seed sees the same
     axis: str = "coronal"  # slice axis for 2D training: sagittal | coronal | axial
     slice_size: list[int] | None = None  # (H, W); None -> smallest multiple of 16 that fits
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # single split; ignored when data.folds is set
+    folds: int | None = None  # K-fold cross-validation over subjects (None: single split)
+    fold: int = 0  # which fold is held out (0..folds-1)
     max_cases: int | None = None  # use only the first N cases (quick runs)
     skip_empty: bool = False  # drop training slices with background only
     augment: dict[str, Any] = field(default_factory=lambda: {
@@ -48,6 +50,10 @@ class DataConfig:
                    "data.slice_size", "must be two positive multiples of 16, e.g. [64, 64]")
         _check(len(self.patch_size) == 3 and all(s > 0 and s % 16 == 0 for s in self.patch_size),
                "data.patch_size", "must be three positive multiples of 16")
+        _check(self.folds is None or self.folds >= 2, "data.folds",
+               "must be at least 2 (or null for a single split)")
+        _check(self.fold >= 0 and (self.folds is None or self.fold < self.folds), "data.fold",
+               f"must be in 0..{(self.folds or 1) - 1}, got {self.fold}")
         _check(self.max_cases is None or self.max_cases >= 2, "data.max_cases",
                "must be at least 2 (one training and one validation volume)")
         _check(self.samples_per_volume >= 1, "data.samples_per_volume", "must be at least 1")
@@ -62,6 +68,7 @@ class ModelConfig:
     reduction: float = 2
     fusion: str = "max"
     bottleneck_attention: bool = True
+    placement: str = "all"  # all | encoder | decoder: which blocks get attention (ablations)
     dropout: float | None = None  # None -> the architecture's default
     encoder_name: str = "resnet34"  # smp_unet only
 
@@ -77,6 +84,10 @@ class ModelConfig:
         _check(self.width >= 1, "model.width", "must be positive")
         _check(self.reduction > 0, "model.reduction", "must be positive")
         _check(self.fusion in ("max", "add"), "model.fusion", "must be max or add")
+        _check(self.placement in ("all", "encoder", "decoder"), "model.placement",
+               f"must be all, encoder or decoder, got {self.placement!r}")
+        _check(self.placement == "all" or self.arch != "smp_unet", "model.placement",
+               "smp_unet supports only placement: all")
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
         _check(not (self.arch == "smp_unet" and self.dim == 3), "model.dim",
                "smp_unet is 2D only; use unet, densenet or sdnet for dim: 3")
@@ -86,6 +97,8 @@ class ModelConfig:
 
         kw: dict[str, Any] = dict(width=self.width, reduction=self.reduction, fusion=self.fusion,
                                   bottleneck_attention=self.bottleneck_attention)
+        if self.placement != "all":
+            kw["placement"] = self.placement
         if self.dropout is not None:
             kw["dropout"] = self.dropout
         if self.arch == "smp_unet":

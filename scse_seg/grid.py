@@ -1,16 +1,26 @@
-"""The papers' experiment as a resumable grid: architectures x attentions x seeds, identical
-split and schedule, every run evaluated on the same held-out volumes, one report."""
+"""The papers' experiment as a resumable grid: architectures x attentions x seeds (x folds of a
+K-fold cross-validation, x the values of swept config keys), identical split and schedule for
+every variant, every run evaluated on its held-out volumes, one report.
+
+This module trains (``training``) and evaluates (``evaluation``), so it sits above both."""
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import yaml
 
 from .config import build_config, load_yaml, parse_override
 from .errors import ConfigError, UserError
 
-GRID_KEYS = {"archs", "attns", "seeds", "out", "surface", "tta"}
+GRID_KEYS = {"archs", "attns", "seeds", "out", "surface", "tta", "folds", "sweep"}
+# keys that change only the attention blocks: the vanilla (none) run is the same for every value,
+# so it is trained once and serves as the baseline of each swept setting
+ATTENTION_ONLY_KEYS = {"model.reduction", "model.fusion", "model.bottleneck_attention",
+                       "model.placement"}
 
 
 @dataclass
@@ -21,6 +31,8 @@ class GridSpec:
     out: Path = Path("runs/compare")
     surface: bool = False
     tta: bool = False
+    folds: int | None = None  # K-fold cross-validation over subjects (None: one split)
+    sweep: dict = field(default_factory=dict)  # config key -> list of values (crossed)
     base: dict = field(default_factory=dict)  # training config applied to every run
     overrides: list[dict] = field(default_factory=list)
     progress: bool = True
@@ -46,6 +58,11 @@ class GridSpec:
             spec.seeds = args.seeds
         if args.out:
             spec.out = args.out
+        if getattr(args, "folds", None) is not None:
+            spec.folds = args.folds
+        for group in getattr(args, "sweep", None) or []:
+            for item in [group] if isinstance(group, str) else group:
+                spec.sweep.update(parse_sweep(item))
         spec.surface = spec.surface or args.surface
         spec.tta = spec.tta or args.tta
         spec.progress = not args.no_progress
@@ -64,6 +81,12 @@ class GridSpec:
             flags.setdefault("train", {})["device"] = args.device
         if flags:
             spec.overrides.append(flags)
+        if spec.folds is not None and (not isinstance(spec.folds, int) or spec.folds < 2):
+            raise ConfigError(f"compare.folds must be an integer of at least 2, got {spec.folds!r}")
+        if not isinstance(spec.sweep, dict) or not all(
+                isinstance(v, list) and v for v in spec.sweep.values()):
+            raise ConfigError("compare.sweep must map config keys to non-empty lists of values, "
+                              "e.g. {model.reduction: [2, 8, 16]}")
         if not isinstance(spec.seeds, int) or spec.seeds < 1:
             raise ConfigError(f"compare.seeds must be a positive integer, got {spec.seeds!r}")
         if "none" not in spec.attns:
@@ -71,14 +94,63 @@ class GridSpec:
                               "variant is compared against)")
         for arch in spec.archs:  # validate every combination before training anything
             for attn in spec.attns:
-                spec.config(arch, attn, 0)
+                for setting in spec.settings():
+                    spec.config(arch, attn, 0, 0 if spec.folds else None, setting)
         return spec
 
-    def config(self, arch: str, attn: str, seed: int):
+    def settings(self) -> list[dict]:
+        """Every combination of the swept values ([{}] without a sweep)."""
+        keys = list(self.sweep)
+        return [dict(zip(keys, vals)) for vals in itertools.product(*self.sweep.values())]
+
+    def folds_list(self) -> list[int | None]:
+        return list(range(self.folds)) if self.folds else [None]
+
+    def label(self, arch: str, setting: dict) -> str:
+        """The report's architecture label: the architecture plus its swept setting."""
+        if not setting:
+            return arch
+        return f"{arch} [{', '.join(f'{k}={_fmt_value(v)}' for k, v in setting.items())}]"
+
+    def config(self, arch: str, attn: str, seed: int, fold: int | None = None,
+               setting: dict | None = None):
+        setting = dict(setting or {})
+        if attn == "none":  # the vanilla network does not depend on attention-only keys
+            setting = {k: v for k, v in setting.items() if k not in ATTENTION_ONLY_KEYS}
+        name = "-".join([arch, attn, *(f"{k.split('.')[-1]}={_fmt_value(v)}"
+                                       for k, v in setting.items())])
+        name += (f"-f{fold}" if fold is not None else "") + f"-s{seed}"
         run = {"model": {"arch": arch, "attention": attn}, "seed": seed,
-               "out": str(self.out / "runs" / f"{arch}-{attn}-s{seed}"),
-               "experiment": "compare"}
-        return build_config([], [self.base, *self.overrides, run])
+               "out": str(self.out / "runs" / name), "experiment": "compare"}
+        if fold is not None:
+            run["data"] = {"folds": self.folds, "fold": fold}
+        swept = [parse_override(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}")
+                 for k, v in setting.items()]
+        return build_config([], [self.base, *self.overrides, *swept, run])
+
+    def runs(self) -> list[tuple[str, str, int, int | None, dict]]:
+        """(arch, attention, seed, fold, setting) of every run the report needs, in order."""
+        return [(a, t, s, f, st) for s in range(self.seeds) for f in self.folds_list()
+                for a in self.archs for st in self.settings() for t in self.attns]
+
+
+def _fmt_value(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def parse_sweep(text: str) -> dict:
+    """``model.reduction=2,8,16`` -> ``{"model.reduction": [2, 8, 16]}`` (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"sweep {text!r} must look like key=v1,v2,..., e.g. model.reduction=2,8,16")
+    key, raw = text.split("=", 1)
+    values = []
+    for part in raw.split(","):
+        try:
+            values.append(yaml.safe_load(part) if part.strip() else None)
+        except yaml.YAMLError:
+            values.append(part)
+    parse_override(f"{key}={raw.split(',')[0]}")  # key syntax check
+    return {key.strip(): values}
 
 
 def _run_state(run_dir: Path, epochs: int) -> str:
@@ -101,22 +173,26 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
 
     t_start = time.perf_counter()
     spec.out.mkdir(parents=True, exist_ok=True)
-    combos = [(a, t, s) for s in range(spec.seeds) for a in spec.archs for t in spec.attns]
-    bar = tqdm(combos, desc="training grid", unit="run", disable=not spec.progress)
-    for arch, attn, seed in bar:
-        cfg = spec.config(arch, attn, seed)
+    combos = spec.runs()
+    unique = {}  # run folder -> config (a vanilla run serves every attention-only setting)
+    for arch, attn, seed, fold, setting in combos:
+        cfg = spec.config(arch, attn, seed, fold, setting)
+        unique.setdefault(cfg.out, cfg)
+    bar = tqdm(list(unique.values()), desc="training grid", unit="run",
+               disable=not spec.progress)
+    for cfg in bar:
         cfg.train.progress = False
         run_dir = Path(cfg.out)
         state = _run_state(run_dir, cfg.train.epochs)
-        bar.set_postfix_str(f"{arch}+{attn} seed {seed} ({state})")
+        bar.set_postfix_str(f"{run_dir.name} ({state})")
         if state != "done":
             Trainer(cfg, run_dir, resume=(state == "partial")).fit()
     if not evaluate:
         return spec.out
-    results = []
-    bar = tqdm(combos, desc="evaluating grid", unit="run", disable=not spec.progress)
-    for arch, attn, seed in bar:
-        run_dir = Path(spec.config(arch, attn, seed).out)
+    evaluated = {}
+    bar = tqdm(list(unique), desc="evaluating grid", unit="run", disable=not spec.progress)
+    for out in bar:
+        run_dir = Path(out)
         cache = run_dir / "eval.json"
         res = None
         if cache.is_file():
@@ -127,7 +203,9 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
             t0 = time.perf_counter()
             res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False)
             _save_eval(cache, res, spec, time.perf_counter() - t0)
-        results.append(res)
+        evaluated[out] = res
+    results = [replace(evaluated[spec.config(a, t, s, f, st).out], arch=spec.label(a, st))
+               for a, t, s, f, st in combos]
     from .evaluation.compare_report import write_comparison
 
     write_comparison(results, spec, wall_seconds=_add_wall_time(spec.out, time.perf_counter() - t_start))

@@ -3,9 +3,10 @@ from .augment import build_augmentation
 from .msd import CaseRef, MSDDataset, Volume, load_case, normalise, read_msd, remap_labels, restore_labels
 from .patches import PatchDataset
 from .phantom import generate_phantom
-from .slices import AXIS_INDEX, SliceDataset, class_frequencies, pad_or_crop, split_cases
+from .slices import AXIS_INDEX, SliceDataset, class_frequencies, pad_or_crop
+from .splits import kfold_split, split_cases
 
 __all__ = ["AXIS_INDEX", "CaseRef", "MSDDataset", "PatchDataset", "SliceDataset", "Volume",
-           "build_augmentation", "class_frequencies", "generate_phantom", "load_case",
+           "build_augmentation", "class_frequencies", "generate_phantom", "kfold_split", "load_case",
            "normalise", "pad_or_crop", "read_msd", "remap_labels", "restore_labels",
            "split_cases"]

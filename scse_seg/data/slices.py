@@ -74,18 +74,6 @@ class SliceDataset(Dataset):
                 torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)))
 
 
-def split_cases(names: list[str], val_fraction: float = 0.2, seed: int = 0):
-    """Volume-level split (no subject in both sets), deterministic in ``seed``."""
-    names = sorted(names)
-    if len(names) < 2:
-        return names, []
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_val = min(len(names) - 1, max(1, int(round(val_fraction * len(names)))))
-    val = sorted(names[i] for i in order[:n_val])
-    train = sorted(names[i] for i in order[n_val:])
-    return train, val
-
-
 def class_frequencies(volumes, num_classes: int) -> np.ndarray:
     """Voxel count of every class over the given volumes' labels."""
     counts = np.zeros(num_classes, dtype=np.int64)

@@ -7,6 +7,9 @@ the shared wiring so that the attention placement is written once:
     encoder stage:  block -> attention -> dropout  (this map is the skip)  -> pool
     bottleneck:     block -> attention (optional)  -> dropout
     decoder stage:  up -> concat(skip, up) -> block -> attention -> dropout
+
+``placement`` restricts the encoder/decoder attention to one side for ablations ("all" is the
+papers' placement: after every encoder and decoder block).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch import nn
 from ..blocks import create_attention
 from ..blocks.nd import check_dim, layer
 
+PLACEMENTS = ("all", "encoder", "decoder")
 BlockFactory = Callable[[int, int], nn.Module]  # (in_channels, out_channels) -> block
 
 
@@ -40,12 +44,14 @@ class EncoderDecoder(nn.Module):
         block: factory ``(in_ch, out_ch) -> nn.Module`` for every encoder/decoder/bottleneck block.
         upsampling: ``"unpool"`` (max-unpool with the encoder's pooling indices, as DenseNet and
             SD-Net in the papers) or ``"transpose"`` (2x2 transposed conv, as U-Net).
+        placement: ``"all"`` (encoder and decoder blocks), ``"encoder"`` or ``"decoder"``; the
+            bottleneck is governed by ``bottleneck_attention`` alone.
     """
 
     def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int],
                  bottleneck_width: int, block: BlockFactory, attention: str = "scse", dim: int = 2,
                  upsampling: str = "transpose", bottleneck_attention: bool = True,
-                 dropout: float = 0.0, **attention_kwargs):
+                 dropout: float = 0.0, placement: str = "all", **attention_kwargs):
         super().__init__()
         self.dim, self.attention_name = check_dim(dim), attention
         self.depth = len(widths)
@@ -54,10 +60,15 @@ class EncoderDecoder(nn.Module):
         if upsampling == "unpool" and any(w != bottleneck_width for w in widths):
             raise ValueError("max-unpool needs the same width at every level")
         self.upsampling = upsampling
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        self.placement = placement
         # Validate the attention name/options once, before building anything.
         create_attention(attention, widths[0], dim, **attention_kwargs)
 
-        def attn(ch: int) -> nn.Module:
+        def attn(ch: int, side: str | None = None) -> nn.Module:  # None: the bottleneck
+            if side is not None and placement not in ("all", side):
+                return create_attention("none", ch, dim)
             return create_attention(attention, ch, dim, **attention_kwargs)
 
         def drop() -> nn.Module:
@@ -66,7 +77,7 @@ class EncoderDecoder(nn.Module):
         self.encoders = nn.ModuleList()
         ch = in_channels
         for w in widths:
-            self.encoders.append(Stage(block(ch, w), attn(w), drop()))
+            self.encoders.append(Stage(block(ch, w), attn(w, "encoder"), drop()))
             ch = w
         self.pool = layer("maxpool", dim)(2, 2, return_indices=(upsampling == "unpool"))
         self.bottleneck = Stage(block(ch, bottleneck_width),
@@ -82,7 +93,7 @@ class EncoderDecoder(nn.Module):
             else:
                 self.ups.append(layer("maxunpool", dim)(2, 2))
                 up_ch = ch
-            self.decoders.append(Stage(block(w + up_ch, w), attn(w), drop()))
+            self.decoders.append(Stage(block(w + up_ch, w), attn(w, "decoder"), drop()))
             ch = w
         self.classifier = layer("conv", dim)(ch, num_classes, 1)
 

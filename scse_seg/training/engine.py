@@ -85,8 +85,14 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> Prep
     if len(cases) < 2:
         raise DataError(f"dataset {root} has {len(cases)} usable case(s); training needs at least "
                         "2 (one for validation)")
-    train_names, val_names = D.split_cases([c.name for c in cases], dc.val_fraction,
-                                            dc.split_seed)
+    names = [c.name for c in cases]
+    if dc.folds is not None:
+        if len(names) < dc.folds:
+            raise ConfigError(f"config key 'data.folds': {dc.folds} folds need at least {dc.folds} "
+                              f"cases, dataset {root} has {len(names)}")
+        train_names, val_names = D.kfold_split(names, dc.folds, dc.fold, dc.split_seed)
+    else:
+        train_names, val_names = D.split_cases(names, dc.val_fraction, dc.split_seed)
     by_name = {c.name: c for c in cases}
     from tqdm.auto import tqdm
 
@@ -113,8 +119,11 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> Prep
     if len(train_set) == 0:
         raise DataError(f"no training samples left from {root} after filtering "
                         "(data.skip_empty / data.max_cases); relax the filters")
+    split = {"train": train_names, "val": val_names}
+    if dc.folds is not None:
+        split.update(folds=dc.folds, fold=dc.fold)
     return PreparedData(train_set, val_vols, list(ds.class_names), list(ds.label_values), counts,
-                        {"train": train_names, "val": val_names}, str(root))
+                        split, str(root))
 
 
 def _fit_size(volumes, axis: str) -> tuple[int, int]:
@@ -440,8 +449,9 @@ def _check_compatible(ckpt: dict, cfg: Config, data: PreparedData, run_dir: Path
                               "settings or start a new run with --out")
     saved = config_from_dict(ckpt["config"])
     for section, key in [("model", k) for k in ("dim", "width", "fusion", "reduction",
-                                                  "bottleneck_attention", "encoder_name")] + \
-            [("train", "optimizer")]:
+                                                  "bottleneck_attention", "encoder_name",
+                                                  "placement")] + \
+            [("train", "optimizer"), ("data", "folds"), ("data", "fold")]:
         old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
         if old != new:
             raise ConfigError(f"--resume {run_dir}: {section}.{key} was {old!r} in the checkpoint "

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs of every run")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare)")
     p.add_argument("--surface", action="store_true", help="also HD95 and average surface distance")
-    p.add_argument("--tta", action="store_true", help="test-time flip augmentation")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time flip augmentation with the flips training used "
+                        "(data.augment.flip); refused for runs trained without flips")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",

@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", metavar="PATH", help="dataset folder (default: the one it trained on)")
     p.add_argument("--checkpoint", default="last.pt", help="last.pt (default) or best.pt")
     p.add_argument("--surface", action="store_true", help="also HD95 and average surface distance")
-    p.add_argument("--tta", action="store_true", help="test-time flip augmentation")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time flip augmentation with the flips training used "
+                        "(data.augment.flip); refused for runs trained without flips")
     p.add_argument("--save-predictions", metavar="DIR",
                    help="write predictions as NIfTI (original label values, source affine)")
     p.add_argument("--device", default=None)

@@ -27,7 +27,7 @@ class DataConfig:
     phantom_seed: int = 0  # the phantom's subjects (independent of the training seed)
     split_seed: int = 0  # train/validation split; fixed so every variant and seed sees the same
     axis: str = "coronal"  # slice axis for 2D training: sagittal | coronal | axial
-    slice_size: list[int] | None = None  # (H, W); None -> smallest multiple of 16 that fits
+    slice_size: list[int] | None = None  # (H, W); None -> smallest model.size_multiple multiple that fits
     val_fraction: float = 0.2  # single split; ignored when data.folds is set
     folds: int | None = None  # K-fold cross-validation over subjects (None: single split)
     fold: int = 0  # which fold is held out (0..folds-1)
@@ -46,10 +46,11 @@ class DataConfig:
         _check(len(self.phantom_shape) == 3 and min(self.phantom_shape) >= 16,
                "data.phantom_shape", "must be three sizes of at least 16")
         if self.slice_size is not None:
-            _check(len(self.slice_size) == 2 and all(s > 0 and s % 16 == 0 for s in self.slice_size),
-                   "data.slice_size", "must be two positive multiples of 16, e.g. [64, 64]")
-        _check(len(self.patch_size) == 3 and all(s > 0 and s % 16 == 0 for s in self.patch_size),
-               "data.patch_size", "must be three positive multiples of 16")
+            # multiples of the model's size_multiple: checked by the trainer, which knows it
+            _check(len(self.slice_size) == 2 and all(s > 0 for s in self.slice_size),
+                   "data.slice_size", "must be two positive sizes, e.g. [64, 64]")
+        _check(len(self.patch_size) == 3 and all(s > 0 for s in self.patch_size),
+               "data.patch_size", "must be three positive sizes, e.g. [32, 32, 32]")
         _check(self.folds is None or self.folds >= 2, "data.folds",
                "must be at least 2 (or null for a single split)")
         _check(self.fold >= 0 and (self.folds is None or self.fold < self.folds), "data.fold",
@@ -92,6 +93,14 @@ class ModelConfig:
         _check(not (self.arch == "smp_unet" and self.dim == 3), "model.dim",
                "smp_unet is 2D only; use unet, densenet or sdnet for dim: 3")
 
+    def size_multiple(self) -> int:
+        """The multiple every input size of this model must be (its ``size_multiple``: 16 for
+        the paper networks, 2**depth = 32 for smp encoders), read off a weightless copy."""
+        import torch
+
+        with torch.device("meta"):
+            return int(getattr(self.build(1, 2), "size_multiple", 16))
+
     def build(self, in_channels: int, num_classes: int):
         from .models import create_model
 
@@ -108,13 +117,13 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    class_weighting: str = "median_frequency"  # median_frequency | none
+    class_weighting: str = "median_frequency"  # median_frequency | median_frequency_present | none
     boundary_weight: float = 0.0  # QuickNAT-style extra weight on label boundaries (0 = off)
     dice_weight: float = 1.0  # 0 -> weighted cross-entropy only
 
     def validate(self):
-        _check(self.class_weighting in ("median_frequency", "none"), "loss.class_weighting",
-               "must be median_frequency or none")
+        _check(self.class_weighting in ("median_frequency", "median_frequency_present", "none"),
+               "loss.class_weighting", "must be median_frequency, median_frequency_present or none")
         _check(self.boundary_weight >= 0, "loss.boundary_weight", "must be >= 0")
         _check(self.dice_weight >= 0, "loss.dice_weight", "must be >= 0")
 

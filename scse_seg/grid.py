@@ -95,7 +95,11 @@ class GridSpec:
         for arch in spec.archs:  # validate every combination before training anything
             for attn in spec.attns:
                 for setting in spec.settings():
-                    spec.config(arch, attn, 0, 0 if spec.folds else None, setting)
+                    cfg = spec.config(arch, attn, 0, 0 if spec.folds else None, setting)
+                    if spec.tta:
+                        from .evaluation.runs import tta_flip_axes
+
+                        tta_flip_axes(cfg, f"{arch}+{attn}")
         return spec
 
     def settings(self) -> list[dict]:
@@ -197,7 +201,9 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
         res = None
         if cache.is_file():
             saved = json.loads(cache.read_text())
-            if saved.get("tta") == spec.tta and saved.get("surface") == spec.surface:
+            rows = saved["result"]["rows"]
+            if saved.get("tta") == spec.tta and saved.get("surface") == spec.surface and \
+                    all("surface_penalty" in r for r in rows):  # older caches: re-evaluate
                 res = _from_cache(saved["result"])
         if res is None:
             t0 = time.perf_counter()

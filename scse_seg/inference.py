@@ -1,5 +1,8 @@
 """Whole-volume prediction: batched slice-wise 2D inference reassembled into 3D, and MONAI
-sliding-window inference for 3D models; optional test-time flip augmentation."""
+sliding-window inference for 3D models; optional test-time flip augmentation.
+
+Inputs are centre-padded to the model's ``size_multiple`` with the volume's minimum (the padding
+rule of training, :func:`scse_seg.data.slices.pad_value`) and cropped back."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,19 +12,31 @@ import torch
 import torch.nn.functional as F
 
 
-def _pad_to(x: torch.Tensor, multiple: int, dims: int):
-    """Pad the last ``dims`` axes up to a multiple; return the padded tensor and the crop."""
-    sizes = x.shape[-dims:]
-    pads = []
-    crop = []
-    for s in reversed(sizes):
-        extra = (-s) % multiple
-        pads += [extra // 2, extra - extra // 2]
-    for s in sizes:
-        extra = (-s) % multiple
-        crop.append(slice(extra // 2, extra // 2 + s))
-    mode = "replicate" if any(pads) else "constant"
-    return (F.pad(x, pads, mode=mode) if any(pads) else x), crop
+def size_multiple(model) -> int:
+    """The multiple every spatial input size of ``model`` must be (``model.size_multiple``: 16
+    for the paper networks, 2**depth for smp encoders); 16 for models that do not say."""
+    return int(getattr(model, "size_multiple", 16))
+
+
+def _pad_to(x: torch.Tensor, multiple: int, dims: int, value: float = 0.0):
+    """Centre-pad the last ``dims`` axes up to a multiple with ``value``; return the padded
+    tensor and the crop that undoes it."""
+    lead = x.shape[:-dims]
+    y, crop = _pad_to_at_least(x.reshape(1, -1, *x.shape[-dims:]), (1,) * dims, multiple, value)
+    return y.reshape(*lead, *y.shape[2:]), crop
+
+
+def _pad_to_at_least(x: torch.Tensor, shape, multiple: int, value: float):
+    """Centre-pad the spatial axes of (N, C, *S) ``x`` to at least ``shape`` and to a multiple."""
+    sizes = x.shape[2:]
+    target = [max(int(t), s) for t, s in zip(shape, sizes)]
+    target = [-(-t // multiple) * multiple for t in target]
+    pads, crop = [], []
+    for s, t in zip(reversed(sizes), reversed(target)):
+        pads += [(t - s) // 2, t - s - (t - s) // 2]
+    for s, t in zip(sizes, target):
+        crop.append(slice((t - s) // 2, (t - s) // 2 + s))
+    return (F.pad(x, pads, mode="constant", value=float(value)) if any(pads) else x), crop
 
 
 def _device_of(model, device):
@@ -36,21 +51,27 @@ def _device_of(model, device):
 @torch.no_grad()
 def predict_volume_2d(model, image: np.ndarray, axis: int, batch_size: int = 16,
                       tta_flip: bool = False, device=None, return_probs: bool = False,
-                      flip_axis: int = -1, multiple: int = 16):
+                      flip_axis: int = -1, multiple: int | None = None):
     """Predict a (X, Y, Z) volume slice by slice along ``axis``.
 
-    Slices are padded to a multiple of ``multiple`` (replicate border) and cropped back.
-    ``tta_flip`` averages the softmax with that of the slice flipped along in-plane ``flip_axis``
-    (flipped back). Returns int64 labels (X, Y, Z), or float32 probabilities (K, X, Y, Z).
+    Slices are padded to a multiple of ``multiple`` (default: the model's ``size_multiple``) with
+    the volume's minimum and cropped back. ``tta_flip`` averages the softmax with that of the slice
+    flipped along in-plane ``flip_axis`` (flipped back; -1 is the axis that training's
+    ``data.augment.flip`` flips). Returns int64 labels (X, Y, Z), or float32 probabilities
+    (K, X, Y, Z).
     """
+    from .data.slices import pad_value
+
     dev = _device_of(model, device)
+    multiple = multiple or size_multiple(model)
+    fill = pad_value(image)
     was_training = model.training
     model.eval()
     vol = torch.as_tensor(np.ascontiguousarray(np.moveaxis(image, axis, 0)), dtype=torch.float32)
     outs = []
     for start in range(0, vol.shape[0], batch_size):
         x = vol[start:start + batch_size, None].to(dev)
-        x, crop = _pad_to(x, multiple, 2)
+        x, crop = _pad_to(x, multiple, 2, fill)
         p = torch.softmax(model(x).float(), dim=1)
         if tta_flip:
             p = 0.5 * (p + torch.softmax(model(x.flip(flip_axis)).float(), 1).flip(flip_axis))
@@ -66,15 +87,21 @@ def predict_volume_2d(model, image: np.ndarray, axis: int, batch_size: int = 16,
 @torch.no_grad()
 def predict_volume_3d(model, image: np.ndarray, roi_size=(32, 32, 32), sw_batch_size: int = 2,
                       overlap: float = 0.25, tta_flip: bool = False, device=None,
-                      return_probs: bool = False, multiple: int = 16):
-    """Sliding-window prediction of a (X, Y, Z) volume with MONAI (Gaussian-weighted blending)."""
+                      return_probs: bool = False, multiple: int | None = None):
+    """Sliding-window prediction of a (X, Y, Z) volume with MONAI (Gaussian-weighted blending).
+
+    The volume is padded (its minimum) to at least ``roi_size`` and to a multiple of ``multiple``
+    (default: the model's ``size_multiple``), so every window has a size the model takes."""
     from monai.inferers import sliding_window_inference
 
+    from .data.slices import pad_value
+
     dev = _device_of(model, device)
+    multiple = multiple or size_multiple(model)
     was_training = model.training
     model.eval()
     x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None].to(dev)
-    x, crop = _pad_to(x, multiple, 3)
+    x, crop = _pad_to_at_least(x, roi_size, multiple, pad_value(image))
     roi = tuple(min(r, s) for r, s in zip(roi_size, x.shape[2:]))
 
     def run(inp):

@@ -12,6 +12,11 @@ missed         0 (reference only) NaN (undefined: no predicted surface)
 false_positive 0 (prediction only) NaN (undefined: no reference surface)
 absent         NaN                NaN (nothing to score; excluded from means)
 =============  =================  =============================================
+
+Surface-distance means never skip a missed structure (that would let a network that misses a
+structure score better than one that finds it poorly): :func:`surface_score` counts a missed or
+false-positive structure at ``surface_penalty``, the volume's diagonal in mm (the largest distance
+two voxels of it can have), as some challenges do.
 """
 from __future__ import annotations
 
@@ -107,6 +112,8 @@ def evaluate_volume(pred: np.ndarray, ref: np.ndarray, num_classes: int,
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     cm = confusion_counts(pred, ref, num_classes)
     dice = _dice(cm)
+    sp = np.ones(ref.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    penalty = float(np.linalg.norm(np.asarray(ref.shape) * sp)) if surface else math.nan
     rows = []
     for c in range(1, num_classes):
         n_ref, n_pred = int(cm[c].sum()), int(cm[:, c].sum())
@@ -115,8 +122,26 @@ def evaluate_volume(pred: np.ndarray, ref: np.ndarray, num_classes: int,
         if surface and status == "present":
             hd95, asd = surface_distances(pred == c, ref == c, spacing)
         rows.append(dict(structure=names[c], class_index=c, dice=float(dice[c]), hd95=hd95,
-                         asd=asd, status=status, ref_voxels=n_ref, pred_voxels=n_pred))
+                         asd=asd, status=status, ref_voxels=n_ref, pred_voxels=n_pred,
+                         surface_penalty=penalty))
     return rows
+
+
+def surface_score(row: dict, metric: str) -> float:
+    """``row[metric]`` (hd95 or asd) with the stated rule for undefined distances: a structure
+    ``missed`` or ``false_positive`` scores its ``surface_penalty`` (the volume diagonal in mm);
+    ``absent`` is NaN (left out). NaN also where no penalty was recorded (old evaluations), so a
+    mean over it is refused rather than computed without the missed structures."""
+    if row["status"] in ("missed", "false_positive"):
+        return float(row.get("surface_penalty", math.nan))
+    return float(row[metric])
+
+
+def volume_mean_surface(rows: Sequence[dict], metric: str) -> float:
+    """Mean of :func:`surface_score` over the structures of one volume that are not ``absent``;
+    NaN if none, or if any of them has no value (never a mean over a subset)."""
+    vals = [surface_score(r, metric) for r in rows if r["status"] != "absent"]
+    return float(np.mean(vals)) if vals and np.all(np.isfinite(vals)) else math.nan
 
 
 def volume_mean_dice(rows: Sequence[dict]) -> float:
@@ -142,4 +167,5 @@ def summarise(rows: Sequence[dict], metric: str = "dice") -> dict[str, tuple[flo
 
 
 __all__ = ["STATUSES", "confusion_counts", "dice_counts", "dice_from_counts", "dice_per_class",
-           "surface_distances", "evaluate_volume", "volume_mean_dice", "mean_std", "summarise"]
+           "surface_distances", "evaluate_volume", "volume_mean_dice", "mean_std", "summarise",
+           "surface_score", "volume_mean_surface"]

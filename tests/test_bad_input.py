@@ -80,8 +80,10 @@ def _break(kind, root, tmp_path):
         return ["train.lr=fast"], "train.lr"
     if kind == "unknown_attention_key":
         return ["model.attention=se"], "model.attention"
-    if kind == "patch_too_large":
-        return ["--dim", "3", "data.patch_size=[64,64,64]"], "data.patch_size"
+    if kind == "patch_not_multiple":  # the 3D U-Net pools 4 times: sizes must be multiples of 16
+        return ["--dim", "3", "data.patch_size=[24,32,32]"], "data.patch_size"
+    if kind == "slice_size_not_multiple":  # smp's resnet34 needs multiples of 32, not 16
+        return ["--arch", "smp_unet", "data.slice_size=[48,48]"], "data.slice_size"
     if kind == "bad_override_syntax":
         return ["train.lr"], "key=value"
     if kind == "config_file_missing":
@@ -92,7 +94,8 @@ def _break(kind, root, tmp_path):
 KINDS = ["folder_missing", "json_missing", "json_invalid", "entry_missing_file", "truncated_nifti",
          "shape_mismatch", "affine_mismatch", "undeclared_label", "nan_voxels", "multichannel_4d",
          "empty_dataset", "path_escapes", "unknown_config_key", "negative_epochs", "wrong_type",
-         "unknown_attention_key", "patch_too_large", "bad_override_syntax", "config_file_missing"]
+         "unknown_attention_key", "patch_not_multiple", "slice_size_not_multiple",
+         "bad_override_syntax", "config_file_missing"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -114,12 +114,29 @@ def test_cse_matches_monai(dim):
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)
 
 
-def test_cbam_structure():
-    m = CBAM(8, dim=2, reduction=2)
-    x = torch.randn(2, 8, 9, 9)
-    m.eval()
-    avg, mx = x.mean((2, 3)), x.amax((2, 3))
-    gc = torch.sigmoid(m.mlp(avg) + m.mlp(mx))[:, :, None, None]
-    xc = x * gc
-    gs = torch.sigmoid(m.spatial(torch.cat([xc.mean(1, keepdim=True), xc.amax(1, keepdim=True)], 1)))
-    torch.testing.assert_close(m(x), xc * gs)
+@pytest.mark.parametrize("train", [False, True])
+def test_cbam_matches_timm(train):
+    """CBAM against an independent implementation: timm's CbamModule with our weights copied
+    (channel MLP with biases, 7x7 spatial conv without bias + BatchNorm), in eval and train mode
+    (BatchNorm on batch statistics)."""
+    from timm.layers.cbam import CbamModule
+
+    torch.manual_seed(4)
+    ours = CBAM(8, dim=2, reduction=2)
+    theirs = CbamModule(8, rd_ratio=0.5, mlp_bias=True)
+    with torch.no_grad():
+        for b in (ours.spatial[1].weight, ours.spatial[1].bias, ours.spatial[1].running_mean):
+            b.uniform_(0.2, 1.0)  # non-default BN state so a mix-up would show
+        ours.spatial[1].running_var.uniform_(0.5, 2.0)
+        theirs.channel.fc1.weight.copy_(ours.mlp[0].weight[:, :, None, None])
+        theirs.channel.fc1.bias.copy_(ours.mlp[0].bias)
+        theirs.channel.fc2.weight.copy_(ours.mlp[2].weight[:, :, None, None])
+        theirs.channel.fc2.bias.copy_(ours.mlp[2].bias)
+        theirs.spatial.conv.conv.weight.copy_(ours.spatial[0].weight)
+        bn, tbn = ours.spatial[1], theirs.spatial.conv.bn
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(tbn, name).copy_(getattr(bn, name))
+    ours.train(train)
+    theirs.train(train)
+    x = torch.randn(3, 8, 9, 11)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)

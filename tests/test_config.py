@@ -42,7 +42,8 @@ def test_overrides_apply_in_order(tmp_path):
     ("train.epochs=ten", "train.epochs"),
     ("model.attention=se", "model.attention"),
     ("model.arch=vnet", "model.arch"),
-    ("data.slice_size=[50,50]", "data.slice_size"),
+    ("data.slice_size=[50]", "data.slice_size"),
+    ("data.patch_size=[0,32,32]", "data.patch_size"),
     ("bogus=1", "bogus"),
 ])
 def test_rejections_name_the_key(override, needle):

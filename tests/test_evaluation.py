@@ -107,7 +107,7 @@ def grid(tiny_phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
     args = ["--data", str(tiny_phantom), "--archs", "unet", "--attns", "none,scse",
             "--seeds", "1", "--epochs", "2", "--out", str(out), "--surface",
-            *[a for a in FAST if a != "--no-progress"], "--no-progress"]
+            *[a for a in FAST if a != "--no-progress"], "data.val_fraction=0.5", "--no-progress"]
     assert compare.main(args) == 0
     return out, args
 
@@ -124,10 +124,113 @@ def test_comparison_writes_every_file(grid):
     assert "Wilcoxon p" in report and "overhead" in report and "HD95" in report
     assert "Per-structure Dice" in report
     rows = list(csv.DictReader((out / "results.csv").open()))
-    # 1 held-out volume of 4 x 10 structures x 2 variants
-    assert len(rows) == 1 * 10 * 2
+    # 2 held-out volumes of 4 x 10 structures x 2 variants
+    assert len(rows) == 2 * 10 * 2
     assert {r["attention"] for r in rows} == {"none", "scse"}
     assert set(rows[0]) >= {"arch", "seed", "volume", "structure", "dice", "hd95", "status"}
+
+
+def _report_row(report: str, attention: str) -> list[str]:
+    line = next(x for x in report.splitlines() if x.startswith(f"| {attention} |"))
+    return [c.strip().strip("*") for c in line.strip("|").split("|")]
+
+
+def test_report_numbers_recomputed_independently(grid):
+    """Every number of the report's main table, recomputed here from results.csv with numpy and
+    scipy: per volume the mean Dice over the structures not absent, mean ± sample std over
+    volumes, Δ in Dice points, two-sided Wilcoxon p, and HD95 with a missed / false-positive
+    structure counted at the volume diagonal (the surface_penalty column)."""
+    from scipy.stats import wilcoxon
+
+    out, _ = grid
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    report = (out / "report.md").read_text()
+    per_vol, hd95, penalised = {}, {}, {}
+    for attn in ("none", "scse"):
+        mine = [r for r in rows if r["attention"] == attn and r["status"] != "absent"]
+        vols = sorted({r["volume"] for r in mine})
+        per_vol[attn] = np.array([np.mean([float(r["dice"]) for r in mine if r["volume"] == v])
+                                  for v in vols])
+        surf = [float(r["surface_penalty"]) if r["status"] in ("missed", "false_positive")
+                else float(r["hd95"]) for r in mine]
+        assert np.all(np.isfinite(surf))
+        hd95[attn] = [np.mean([s for s, r in zip(surf, mine) if r["volume"] == v]) for v in vols]
+        penalised[attn] = (sum(r["status"] in ("missed", "false_positive") for r in mine),
+                           len(mine))
+    assert len(per_vol["none"]) == 2
+    for attn in ("none", "scse"):
+        cells = _report_row(report, attn)
+        mean, std = (float(x) for x in cells[1].split("±"))
+        assert mean == pytest.approx(per_vol[attn].mean(), abs=6e-5)
+        assert std == pytest.approx(per_vol[attn].std(ddof=1), abs=6e-5)
+        hd_mean = float(cells[7].split("±")[0])  # after Δ, p, CI of Δ, structures improved
+        assert hd_mean == pytest.approx(np.mean(hd95[attn]), abs=6e-3)
+        assert cells[9] == f"{penalised[attn][0]}/{penalised[attn][1]}"
+    cells = _report_row(report, "scse")
+    assert float(cells[3]) == pytest.approx(100 * (per_vol["scse"].mean() - per_vol["none"].mean()),
+                                            abs=6e-3)
+    d = per_vol["scse"] - per_vol["none"]
+    if np.all(d == 0):
+        assert cells[4] == "n/a"
+    else:
+        p = wilcoxon(per_vol["scse"], per_vol["none"]).pvalue
+        assert float(cells[4].rstrip(" *")) == pytest.approx(float(f"{p:.2g}"))
+
+
+def test_surface_means_penalise_missed_structures():
+    """A variant that misses a structure must not get a better HD95 than one that finds it
+    poorly: the missed one counts at the volume diagonal (surface_penalty)."""
+    from scse_seg.evaluation.compare_report import summary_rows
+    from scse_seg.evaluation.runs import RunEvaluation
+
+    def run(attn, second):
+        rows = []
+        for v in ("v1", "v2"):
+            rows.append(dict(volume=v, structure="a", class_index=1, dice=0.9, hd95=2.0, asd=1.0,
+                             status="present", surface_penalty=50.0))
+            rows.append(dict(volume=v, structure="b", class_index=2, **second,
+                             surface_penalty=50.0))
+        return RunEvaluation(".", "unet", attn, 0, 10, 1.0, 0.1, ["bg", "a", "b"], rows)
+
+    missed = dict(dice=0.0, hd95=math.nan, asd=math.nan, status="missed")
+    poor = dict(dice=0.2, hd95=20.0, asd=8.0, status="present")
+    rows = {r["attention"]: r for r in summary_rows([run("none", poor), run("scse", missed)])}
+    assert rows["none"]["hd95"][0] == pytest.approx((2 + 20) / 2)
+    assert rows["scse"]["hd95"][0] == pytest.approx((2 + 50) / 2)  # worse, not 2.0
+    assert rows["scse"]["asd"][0] == pytest.approx((1 + 50) / 2)
+    assert rows["scse"]["penalised"] == (2, 4) and rows["none"]["penalised"] == (0, 4)
+    # evaluations cached before the penalty was recorded: no mean over a subset
+    old = run("none", missed)
+    for r in old.rows:
+        del r["surface_penalty"]
+    assert math.isnan(summary_rows([old])[0]["hd95"][0])
+
+
+def test_tta_only_with_the_flips_training_used(grid, tiny_phantom, tmp_path, capsys):
+    import albumentations as A
+    import compare
+    import evaluate
+
+    from scse_seg.cli import main as train
+
+    out, args = grid
+    # the grid trained without flips (data.augment.flip is off by default): --tta is refused
+    assert evaluate.main([str(out / "runs" / "unet-scse-s0"), "--tta"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tta") and "data.augment.flip" in err
+    assert compare.main([*args, "--tta"]) == 2  # before training or evaluating anything
+    assert "data.augment.flip" in capsys.readouterr().err
+    # the flip TTA uses is the one albumentations applied in training
+    from scse_seg.data.augment import trained_flip_axes
+
+    assert trained_flip_axes({"flip": False}) == () and trained_flip_axes({"flip": True}, 3) == ()
+    (axis,) = trained_flip_axes({"flip": True})
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(A.HorizontalFlip(p=1.0)(image=a)["image"], np.flip(a, axis))
+    run = tmp_path / "flip"
+    assert train(["--data", str(tiny_phantom), "--epochs", "1", "--out", str(run), *FAST,
+                  "data.augment={flip: true}"]) == 0
+    assert evaluate.main([str(run), "--tta"]) == 0
 
 
 def test_comparison_resumes_without_retraining(grid):
@@ -153,7 +256,7 @@ def test_evaluate_single_run(grid, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "unet + scse" in text and "mean over structures" in text
     files = list(pred_dir.glob("*.nii.gz"))
-    assert len(files) == 1
+    assert len(files) == 2  # the grid holds out 2 of the 4 phantom volumes
     img = nib.load(str(files[0]))
     values = set(np.unique(np.asarray(img.dataobj)).tolist())
     assert values <= {0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100}  # original label values

@@ -5,6 +5,16 @@ from __future__ import annotations
 DEFAULTS = {"affine": 0.0, "elastic": 0.0, "flip": False, "brightness_contrast": 0.0, "noise": 0.0}
 
 
+def trained_flip_axes(augment: dict | None, dim: int = 2) -> tuple[int, ...]:
+    """Slice axes (of an (N, 1, H, W) batch) that training flipped: (-1,) when ``data.augment``
+    has ``flip`` on (``HorizontalFlip`` flips the width axis, the last in-plane one), else ().
+    3D patch training does not augment. Test-time flips must stay within these: a flip the model
+    never saw (e.g. superior-inferior on coronal slices) is not a harmless augmentation."""
+    if dim != 2:
+        return ()
+    return (-1,) if {**DEFAULTS, **(augment or {})}["flip"] else ()
+
+
 def build_augmentation(cfg: dict | None):
     """Pipeline from probabilities, e.g. ``{"affine": 0.5, "elastic": 0.2, "flip": False,
     "brightness_contrast": 0.5, "noise": 0.3}``; ``None``/all zero -> no augmentation.

@@ -19,6 +19,27 @@ def axis_index(axis: str | int) -> int:
     return AXIS_INDEX[axis]
 
 
+def pad_value(image: np.ndarray) -> float:
+    """The one padding rule, used by 2D slices, 3D patches and whole-volume inference alike: pad
+    an image with its volume's minimum (the normalised background), labels with 0 (background).
+    A network then never sees a border at training time that differs from the one at test time."""
+    return float(np.min(image)) if np.size(image) else 0.0
+
+
+def per_image_label_counts(labels: np.ndarray, num_classes: int, chunk: int = 256) -> np.ndarray:
+    """(N, K) voxel count of every class in each of the N label images ``labels[i]`` (chunked,
+    so the temporary index array stays small on large slice stacks)."""
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    out = np.zeros((n, num_classes), dtype=np.int64)
+    for start in range(0, n, chunk):
+        block = labels[start:start + chunk].reshape(min(chunk, n - start), -1).astype(np.int64)
+        offs = (np.arange(block.shape[0], dtype=np.int64) * num_classes)[:, None]
+        counts = np.bincount((block + offs).ravel(), minlength=block.shape[0] * num_classes)
+        out[start:start + block.shape[0]] = counts.reshape(block.shape[0], num_classes)
+    return out
+
+
 def pad_or_crop(a: np.ndarray, size: tuple[int, int], fill: float) -> np.ndarray:
     """Centre-pad with ``fill`` or centre-crop the last two axes to ``size``."""
     out = a
@@ -54,7 +75,7 @@ class SliceDataset(Dataset):
                 keep = keep[lab.reshape(lab.shape[0], -1).any(axis=1)]
             if keep.size == 0:
                 continue
-            images.append(pad_or_crop(img[keep], self.size, float(vol.image.min())))
+            images.append(pad_or_crop(img[keep], self.size, pad_value(vol.image)))
             labels.append(pad_or_crop(lab[keep], self.size, 0))
             self.index += [(vi, int(s)) for s in keep]
         self.images = np.concatenate(images).astype(np.float32) if images else \
@@ -64,6 +85,11 @@ class SliceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def label_counts(self, num_classes: int) -> np.ndarray:
+        """(N, K) class voxel counts of every sample as fed to the network (after skip_empty and
+        pad/crop, before random augmentation): what class weights are computed on."""
+        return per_image_label_counts(self.labels, num_classes)
 
     def __getitem__(self, i: int):
         img, lab = self.images[i], self.labels[i]

@@ -58,11 +58,29 @@ class _OpenRun:
         from ..data import AXIS_INDEX
         from ..inference import predict_volume_2d, predict_volume_3d
 
+        if tta_flip:
+            (flip_axis,) = tta_flip_axes(self.cfg)
         if self.cfg.model.dim == 2:
             return predict_volume_2d(self.model, image, AXIS_INDEX[self.cfg.data.axis], batch_size=32,
-                                     tta_flip=tta_flip, device=self.device)
+                                     tta_flip=tta_flip, device=self.device,
+                                     flip_axis=flip_axis if tta_flip else -1)
         return predict_volume_3d(self.model, image, roi_size=tuple(self.cfg.data.patch_size),
                                  tta_flip=tta_flip, device=self.device)
+
+
+def tta_flip_axes(cfg, run: str | Path = "this run") -> tuple[int, ...]:
+    """The flips test-time augmentation may use: those training used (``data.augment.flip``).
+    A run trained without flips is refused (UserError) rather than shown images it never saw."""
+    from ..data.augment import trained_flip_axes
+
+    axes = trained_flip_axes(cfg.data.augment, cfg.model.dim)
+    if not axes:
+        why = "3D patch training does not flip" if cfg.model.dim != 2 else \
+            "it was trained with data.augment.flip off"
+        raise UserError(f"--tta: {run} cannot use flip test-time augmentation: {why}, so a "
+                        "flipped image is one the model never saw; train with "
+                        "data.augment.flip=true (2D) or evaluate without --tta")
+    return axes
 
 
 def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str = "last.pt",
@@ -114,6 +132,8 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
 
     run_dir = Path(run_dir)
     run = open_run(run_dir, data_path, checkpoint, device)
+    if tta_flip:
+        tta_flip_axes(run.cfg, run_dir)  # refuse before predicting anything
     k = int(run.ckpt["num_classes"])
     rows, times, example = [], [], None
     for name in tqdm(run.val, desc=f"evaluating {run_dir.name}", leave=False,
@@ -147,13 +167,17 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
 
 def format_run_summary(res: RunEvaluation) -> str:
     """Plain-text table: per structure mean +- std over held-out volumes, and the overall mean."""
-    from ..metrics import STATUSES, mean_std, summarise, volume_mean_dice
+    from ..metrics import STATUSES, mean_std, summarise, surface_score, volume_mean_dice
 
     vols = sorted({r["volume"] for r in res.rows})
-    surface = any(np.isfinite(r["hd95"]) for r in res.rows)
+    surface = any(np.isfinite(r["hd95"]) or np.isfinite(r.get("surface_penalty", np.nan))
+                  for r in res.rows)
     dice = summarise(res.rows, "dice")
-    hd = summarise(res.rows, "hd95") if surface else {}
-    asd = summarise(res.rows, "asd") if surface else {}
+    # surface means: missed / false-positive structures count at the volume diagonal (mm)
+    scored = [dict(r, hd95=surface_score(r, "hd95"), asd=surface_score(r, "asd"))
+              for r in res.rows]
+    hd = summarise(scored, "hd95") if surface else {}
+    asd = summarise(scored, "asd") if surface else {}
     head = f"{'structure':<24} {'Dice mean +- std':>18} {'n':>4}"
     if surface:
         head += f" {'HD95':>16} {'ASD':>16}"
@@ -175,5 +199,7 @@ def format_run_summary(res: RunEvaluation) -> str:
     lines.append(f"{'mean over structures':<24} {pm(mean_std(per_vol)):>18} "
                  f"{mean_std(per_vol)[2]:>4}")
     lines.append("(missed: in reference, not predicted; false_positive: predicted, not in "
-                 "reference; absent structures are excluded from means)")
+                 "reference; absent structures are excluded from means"
+                 + ("; HD95/ASD count missed and false_positive at the volume diagonal in mm)"
+                    if surface else ")"))
     return "\n".join(lines)

@@ -55,6 +55,9 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         self.dim, self.attention_name = check_dim(dim), attention
         self.depth = len(widths)
+        # every spatial size must survive ``depth`` 2x poolings: training, validation, evaluation
+        # and prediction pad their inputs to this multiple
+        self.size_multiple = 2 ** self.depth
         if upsampling not in ("unpool", "transpose"):
             raise ValueError(f"upsampling must be 'unpool' or 'transpose', got {upsampling!r}")
         if upsampling == "unpool" and any(w != bottleneck_width for w in widths):
@@ -106,7 +109,7 @@ class EncoderDecoder(nn.Module):
         if x.dim() != self.dim + 2:
             raise ValueError(f"expected a {self.dim + 2}D input (N, C, *spatial) for dim={self.dim}, "
                              f"got shape {tuple(x.shape)}")
-        f = 2 ** self.depth
+        f = self.size_multiple
         bad = [s for s in x.shape[2:] if s % f]
         if bad:
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {f}; "

@@ -34,7 +34,7 @@ class SMPEncoderUNet(nn.Module):
         self.encoder = smp.encoders.get_encoder(encoder_name, in_channels=in_channels,
                                                 depth=encoder_depth, weights=encoder_weights)
         enc_ch = list(self.encoder.out_channels)[1:]  # [0] is the input itself
-        self.reduction = 2 ** encoder_depth
+        self.size_multiple = 2 ** encoder_depth  # inputs are padded to this (32 for depth 5)
         self.encoder_attention = nn.ModuleList(
             create_attention(attention, c, 2, **attention_kwargs) for c in enc_ch)
         skip_ch = enc_ch[:-1][::-1] + [0]
@@ -50,9 +50,9 @@ class SMPEncoderUNet(nn.Module):
         return [*self.encoder_attention, *self.decoder_attention]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % self.reduction or x.shape[-2] % self.reduction:
+        if x.shape[-1] % self.size_multiple or x.shape[-2] % self.size_multiple:
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by "
-                             f"{self.reduction} for this encoder")
+                             f"{self.size_multiple} for this encoder")
         feats = [a(f) for a, f in zip(self.encoder_attention, self.encoder(x)[1:])]
         skips = feats[:-1][::-1]
         x = feats[-1]

@@ -29,7 +29,7 @@ from ..inference import predict_volume_2d, predict_volume_3d
 from ..metrics import dice_counts, dice_from_counts
 from ..runtime import resolve_device
 from . import distributed as ddp
-from .losses import SegmentationLoss, median_frequency_weights
+from .losses import SegmentationLoss, class_weights
 
 AXES = AXIS_INDEX  # kept for callers of the old name
 CHECKPOINT_VERSION = 1
@@ -51,20 +51,28 @@ class PreparedData:
     val_volumes: list
     class_names: list[str]
     label_values: list[int]
-    class_counts: np.ndarray
+    class_counts: np.ndarray  # (K,) voxels of each class in the training samples as fed
     split: dict = field(default_factory=dict)
     dataset_root: str = ""
+    sample_class_counts: np.ndarray | None = None  # (samples, K): what class weights come from
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> PreparedData:
-    """Read the dataset (or generate the built-in phantom), split volumes, build the train set."""
+def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True,
+                 multiple: int | None = None) -> PreparedData:
+    """Read the dataset (or generate the built-in phantom), split volumes, build the train set.
+
+    Slices are padded to a multiple of ``multiple`` (default: the model's ``size_multiple``); 3D
+    volumes smaller than the patch are padded. Class voxel counts are taken on the training
+    samples as the loss sees them (after skip_empty and pad/crop, before random augmentation)."""
     from .. import data as D
 
     dc = cfg.data
+    multiple = multiple or cfg.model.size_multiple()
+    _check_sizes(cfg, multiple)
     if dc.path is None:
         root = Path(dc.phantom_dir) if dc.phantom_dir else \
             Path.home() / ".cache" / "scse_seg" / \
@@ -103,19 +111,17 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> Prep
 
     train_vols, val_vols = load(train_names, "train"), load(val_names, "val")
     k = len(ds.class_names)
-    counts = np.asarray(D.class_frequencies(train_vols, k), dtype=np.float64)
     if cfg.model.dim == 2:
-        size = tuple(dc.slice_size) if dc.slice_size else _fit_size(train_vols + val_vols, dc.axis)
+        size = tuple(dc.slice_size) if dc.slice_size else \
+            _fit_size(train_vols + val_vols, dc.axis, multiple)
         train_set = D.SliceDataset(train_vols, axis=dc.axis, size=size,
                                    transform=D.build_augmentation(dc.augment),
                                    skip_empty=dc.skip_empty)
     else:
-        for v in train_vols:
-            if any(p > s for p, s in zip(dc.patch_size, v.image.shape)):
-                raise ConfigError(f"config key 'data.patch_size' {dc.patch_size} is larger than "
-                                  f"volume {v.name} {tuple(v.image.shape)}; choose a smaller patch")
         train_set = D.PatchDataset(train_vols, patch_size=tuple(dc.patch_size),
                                    samples_per_volume=dc.samples_per_volume, seed=cfg.seed)
+    sample_counts = train_set.label_counts(k)
+    counts = sample_counts.sum(0).astype(np.float64)
     if len(train_set) == 0:
         raise DataError(f"no training samples left from {root} after filtering "
                         "(data.skip_empty / data.max_cases); relax the filters")
@@ -123,15 +129,27 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True) -> Prep
     if dc.folds is not None:
         split.update(folds=dc.folds, fold=dc.fold)
     return PreparedData(train_set, val_vols, list(ds.class_names), list(ds.label_values), counts,
-                        split, str(root))
+                        split, str(root), sample_counts)
 
 
-def _fit_size(volumes, axis: str) -> tuple[int, int]:
+def _check_sizes(cfg: Config, multiple: int) -> None:
+    """data.slice_size (2D) / data.patch_size (3D) must be sizes the network can take."""
+    dc, key = cfg.data, "data.slice_size" if cfg.model.dim == 2 else "data.patch_size"
+    sizes = dc.slice_size if cfg.model.dim == 2 else dc.patch_size
+    if sizes and any(s % multiple for s in sizes):
+        fixed = [int(math.ceil(s / multiple) * multiple) for s in sizes]
+        raise ConfigError(f"config key '{key}' {list(sizes)}: {cfg.model.arch} needs sizes that "
+                          f"are multiples of {multiple} (it downsamples {multiple}x); use e.g. "
+                          f"{fixed}")
+
+
+def _fit_size(volumes, axis: str, multiple: int = 16) -> tuple[int, int]:
+    """Smallest in-plane size that holds every slice and is a multiple of ``multiple``."""
     a = AXIS_INDEX[axis]
     inplane = [[s for i, s in enumerate(v.image.shape) if i != a] for v in volumes]
     h = max(p[0] for p in inplane)
     w = max(p[1] for p in inplane)
-    return (int(math.ceil(h / 16) * 16), int(math.ceil(w / 16) * 16))
+    return (int(math.ceil(h / multiple) * multiple), int(math.ceil(w / multiple) * multiple))
 
 
 class Trainer:
@@ -226,10 +244,11 @@ class Trainer:
         # class weights: computed once on rank 0, broadcast to every rank (on self.device: an
         # NCCL process group moves CUDA tensors only)
         weights = None
-        if cfg.loss.class_weighting == "median_frequency":
+        if cfg.loss.class_weighting != "none":
             w = torch.zeros(data.num_classes, dtype=torch.float32, device=self.device)
             if info.is_main:
-                w.copy_(torch.as_tensor(median_frequency_weights(data.class_counts)))
+                w.copy_(torch.as_tensor(class_weights(data.sample_class_counts,
+                                                      cfg.loss.class_weighting)))
             weights = ddp.broadcast_(w, info)
         model, opt, sched = self._build(data)
         self.model, self.data = model, data
@@ -257,6 +276,9 @@ class Trainer:
                 dict(dataset_root=str(Path(data.dataset_root).resolve()), **data.split), indent=1))
             atomic_write_text(self.run_dir / "class_weights.json", json.dumps({
                 "class_names": data.class_names, "label_values": data.label_values,
+                "class_weighting": cfg.loss.class_weighting,
+                "counted_on": "training samples as fed (after skip_empty and pad/crop, before "
+                              "random augmentation; 3D: training volumes padded to the patch)",
                 "voxel_counts": data.class_counts.tolist(),
                 "weights": None if weights is None else weights.tolist()}, indent=1))
         net = model

@@ -1,12 +1,19 @@
 #!/usr/bin/env python
-"""Evaluate one training run on its held-out volumes: per-structure Dice (and optionally HD95 /
-average surface distance), mean +- std over volumes.
+"""Evaluate one training run: per-structure Dice (and optionally HD95 / average surface
+distance), mean +- std over volumes, printed as a table and written per volume and structure
+as CSV (default: in the run folder).
 
-  python eval/evaluate.py runs/default-unet-scse-s0 [--data PATH] [--surface] [--tta]
+  python eval/evaluate.py RUN_DIR [--data PATH] [--surface] [--tta]   # its held-out volumes
+  python eval/evaluate.py RUN_DIR --test PATH                         # a separate labelled set
+
+--test PATH: a dataset with imagesTs/ + labelsTs/ (its test volumes), or another MSD/nnU-Net
+dataset with the same classes (every imagesTr/labelsTr pair).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,11 +22,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scse_seg.errors import UserError  # noqa: E402
 
 
+def default_csv(run_dir: str, test: str | None, checkpoint: str) -> Path:
+    """RUN_DIR/evaluation-heldout-last.csv, or evaluation-test-<dataset>-last.csv."""
+    which = "heldout"
+    if test is not None:
+        t = Path(os.path.abspath(test))  # the name as given, not a symlink's target
+        t = t.parent if t.name in ("imagesTs", "labelsTs") else t
+        which = "test-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", t.name)
+    return Path(run_dir) / f"evaluation-{which}-{Path(checkpoint).stem}.csv"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="eval/evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="run folder written by train_seg.py")
-    p.add_argument("--data", metavar="PATH", help="dataset folder (default: the one it trained on)")
+    p.add_argument("--data", metavar="PATH", help="dataset folder the run was trained on "
+                   "(default: the one in its split.json); its held-out volumes are evaluated")
+    p.add_argument("--test", metavar="PATH", help="evaluate every labelled volume of this test set "
+                   "instead (imagesTs/+labelsTs/, or another dataset's imagesTr/+labelsTr/)")
     p.add_argument("--checkpoint", default="last.pt", help="last.pt (default) or best.pt")
     p.add_argument("--surface", action="store_true", help="also HD95 and average surface distance")
     p.add_argument("--tta", action="store_true",
@@ -27,15 +47,27 @@ def main(argv=None) -> int:
                         "(data.augment.flip); refused for runs trained without flips")
     p.add_argument("--save-predictions", metavar="DIR",
                    help="write predictions as NIfTI (original label values, source affine)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--csv", metavar="FILE", help="per-volume, per-structure results (default: "
+                   "RUN_DIR/evaluation-{heldout|test-NAME}-CHECKPOINT.csv)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     try:
+        if args.data and args.test:
+            raise UserError("pass either --data (the run's own dataset: its held-out volumes) or "
+                            "--test (a separate labelled test set), not both")
+        from scse_seg.evaluation.compare_report import write_results_csv
         from scse_seg.evaluation.runs import evaluate_run, format_run_summary
 
         res = evaluate_run(args.run_dir, args.data, args.checkpoint, tta_flip=args.tta,
                            surface=args.surface, device=args.device,
-                           save_dir=args.save_predictions)
+                           save_dir=args.save_predictions, test_path=args.test)
+        csv_path = Path(args.csv) if args.csv else default_csv(args.run_dir, args.test, args.checkpoint)
+        try:
+            write_results_csv([res], csv_path)
+        except OSError as e:
+            raise UserError(f"could not write {csv_path} ({e.strerror or e}); pass --csv FILE") from None
         print(format_run_summary(res))
+        print(f"per-volume, per-structure results: {csv_path}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

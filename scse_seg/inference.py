@@ -116,16 +116,35 @@ def predict_volume_3d(model, image: np.ndarray, roi_size=(32, 32, 32), sw_batch_
     return p.numpy() if return_probs else p.argmax(0).numpy().astype(np.int64)
 
 
-def save_prediction_nifti(labels: np.ndarray, affine: np.ndarray, label_values, path) -> Path:
-    """Write class indices as the dataset's ORIGINAL label values with the source affine."""
+def save_prediction_nifti(labels: np.ndarray, affine: np.ndarray, label_values, path,
+                          like=None) -> Path:
+    """Write class indices as the dataset's ORIGINAL label values with the source affine.
+
+    ``like``: the source nibabel image; its header (voxel sizes, orientation codes, description)
+    is kept, with intensity scaling reset so label values are stored as they are. The file is
+    written atomically (a temp file renamed into place).
+    """
+    import gzip
+
     import nibabel as nib
+
+    from .fileio import atomic_write_bytes
 
     values = np.asarray(label_values, dtype=np.int64)
     out = values[np.asarray(labels, dtype=np.int64)]
     dtype = np.uint8 if values.max() < 256 and values.min() >= 0 else np.int16
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(out.astype(dtype), np.asarray(affine, dtype=np.float64))
+    affine = np.asarray(affine, dtype=np.float64)
+    if like is not None:
+        img = type(like)(out.astype(dtype), affine, header=like.header.copy())
+        img.header.set_slope_inter(1, 0)
+        img.header.set_intent("label")
+        img.header["cal_min"], img.header["cal_max"] = float(values.min()), float(values.max())
+    else:
+        img = nib.Nifti1Image(out.astype(dtype), affine)
     img.set_data_dtype(dtype)
-    nib.save(img, str(path))
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    atomic_write_bytes(path, lambda f: f.write(data))
     return path

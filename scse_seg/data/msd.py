@@ -235,3 +235,35 @@ def load_case(case: CaseRef, ds: MSDDataset, *, check: bool = True) -> Volume:
                         "fix the label file")
     return Volume(case.name, normalise(np.asarray(image)), remap_labels(lab.astype(np.int64),
                   ds.label_values), affine, list(ds.label_values))
+
+
+def read_test_set(path: str | Path) -> tuple[MSDDataset, str]:
+    """Labelled volumes to test a model on, and which ones they are (``"imagesTs"`` or
+    ``"imagesTr"``): ``imagesTs/`` + ``labelsTs/`` when the dataset has test labels (``path`` is
+    the dataset folder or its ``imagesTs/``), otherwise every training pair of the dataset
+    (another site, another MSD/nnU-Net dataset). Labels and names come from its dataset.json."""
+    path = Path(path)
+    root = path.parent if path.name in ("imagesTs", "labelsTs", "imagesTr", "labelsTr") else path
+    ds = read_msd(root)
+    if not (root / "labelsTs").is_dir():
+        return ds, "imagesTr"
+    ending = json.loads((root / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+    cases, missing = [], []
+    for lab in sorted((root / "labelsTs").glob(f"*{ending}")):
+        case = lab.name[: -len(ending)]
+        imgs = [root / "imagesTs" / f"{case}_0000{ending}", root / "imagesTs" / lab.name]
+        img = next((p for p in imgs if p.is_file()), None)
+        if img is None:
+            missing.append(case)
+        else:
+            cases.append(CaseRef(case, img, lab))
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DataError(f"{root / 'labelsTs'}: labels {shown} have no image in {root / 'imagesTs'} "
+                        f"(expected <case>_0000{ending} or <case>{ending}); add the images or "
+                        "remove the labels")
+    if not cases:
+        raise DataError(f"{root / 'labelsTs'} holds no {ending} label files; add them or pass a "
+                        "dataset whose imagesTr/labelsTr are the test volumes")
+    return MSDDataset(root, ds.name, cases, ds.label_values, ds.class_names, [], ds.modality), \
+        "imagesTs"

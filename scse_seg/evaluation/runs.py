@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import config_from_dict
 from ..errors import UserError
+from ..predictor import tta_flip_axes  # noqa: F401  (was defined here; shared with predict.py)
 
 
 @dataclass
@@ -26,28 +26,28 @@ class RunEvaluation:
     rows: list[dict] = field(default_factory=list)  # per volume x structure
     history: list[dict] = field(default_factory=list)
     example: dict | None = None  # one volume's image/reference/prediction for overlays
+    evaluated_on: str = "held-out volumes"  # or "test volumes in PATH"
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "last.pt", device: str | torch.device = "cpu"):
-    """(model in eval mode, checkpoint dict, config) of a run folder."""
-    from ..fileio import load_checkpoint
+    """(model in eval mode, checkpoint dict, config) of a run folder (``scse_seg.load_model``)."""
+    from ..predictor import load_model
 
-    run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir / checkpoint)
-    cfg = config_from_dict(ckpt["config"])
-    model = cfg.model.build(1, int(ckpt["num_classes"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt, cfg
+    m = load_model(run_dir, checkpoint, torch.device(device))
+    return m.model, m.ckpt, m.cfg
 
 
 @dataclass
 class _OpenRun:
-    model: torch.nn.Module
-    ckpt: dict
-    cfg: object
-    device: torch.device
+    loaded: object  # scse_seg.predictor.LoadedModel
     dataset: object  # MSDDataset
-    val: list[str]  # held-out volume names, in split order
+    val: list[str]  # volumes to evaluate, in order (the held-out split, or every test volume)
+    evaluated_on: str = "held-out volumes"
+
+    model = property(lambda self: self.loaded.model)
+    ckpt = property(lambda self: self.loaded.ckpt)
+    cfg = property(lambda self: self.loaded.cfg)
+    device = property(lambda self: self.loaded.device)
 
     def load(self, name: str):
         from .. import data as D
@@ -55,52 +55,58 @@ class _OpenRun:
         return D.load_case(next(c for c in self.dataset.cases if c.name == name), self.dataset)
 
     def predict(self, image: np.ndarray, tta_flip: bool = False) -> np.ndarray:
-        from ..data import AXIS_INDEX
-        from ..inference import predict_volume_2d, predict_volume_3d
-
-        if tta_flip:
-            (flip_axis,) = tta_flip_axes(self.cfg)
-        if self.cfg.model.dim == 2:
-            return predict_volume_2d(self.model, image, AXIS_INDEX[self.cfg.data.axis], batch_size=32,
-                                     tta_flip=tta_flip, device=self.device,
-                                     flip_axis=flip_axis if tta_flip else -1)
-        return predict_volume_3d(self.model, image, roi_size=tuple(self.cfg.data.patch_size),
-                                 tta_flip=tta_flip, device=self.device)
+        return self.loaded.predict_classes(image, tta_flip)
 
 
-def tta_flip_axes(cfg, run: str | Path = "this run") -> tuple[int, ...]:
-    """The flips test-time augmentation may use: those training used (``data.augment.flip``).
-    A run trained without flips is refused (UserError) rather than shown images it never saw."""
-    from ..data.augment import trained_flip_axes
+def _some(items, limit: int = 10) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
-    axes = trained_flip_axes(cfg.data.augment, cfg.model.dim)
-    if not axes:
-        why = "3D patch training does not flip" if cfg.model.dim != 2 else \
-            "it was trained with data.augment.flip off"
-        raise UserError(f"--tta: {run} cannot use flip test-time augmentation: {why}, so a "
-                        "flipped image is one the model never saw; train with "
-                        "data.augment.flip=true (2D) or evaluate without --tta")
-    return axes
+
+def class_differences(run_names: list[str], test_names: list[str]) -> list[str]:
+    """Human-readable differences between two class lists compared by class index."""
+    out = []
+    for i in range(max(len(run_names), len(test_names))):
+        a = run_names[i] if i < len(run_names) else None
+        b = test_names[i] if i < len(test_names) else None
+        if a != b:
+            out.append(f"class {i}: {a!r} in the run, {b!r} in the test set" if a and b else
+                       f"class {i} {a or b!r} only in the {'run' if a else 'test set'}")
+    return out
 
 
 def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str = "last.pt",
-             device: str | None = None) -> _OpenRun:
-    """Model, checkpoint, config and the dataset a run folder was trained on, checked against
-    each other (same classes, held-out volumes present)."""
+             device: str | None = None, test_path: str | Path | None = None,
+             device_option: str = "--device") -> _OpenRun:
+    """Model, checkpoint, config and the volumes to evaluate, checked against each other (same
+    classes, volumes present): the run's held-out split of the dataset it was trained on, or
+    with ``test_path`` every labelled volume of a test set (``read_test_set``)."""
     from .. import data as D
-    from ..runtime import resolve_device
+    from ..predictor import load_model
 
     run_dir = Path(run_dir)
-    if not (run_dir / checkpoint).is_file():
-        raise UserError(f"{run_dir / checkpoint} not found; is {run_dir} a finished scse_seg run "
-                        "folder? (train it with train_seg.py, or pass --checkpoint best.pt)")
-    dev = resolve_device(device or "auto")
-    model, ckpt, cfg = load_run(run_dir, checkpoint, dev)
+    loaded = load_model(run_dir, checkpoint, device or "auto", device_option=device_option)
+    ckpt = loaded.ckpt
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise UserError(f"{split_file} not found; {run_dir} is not a complete scse_seg run folder")
     split = json.loads(split_file.read_text())
-    root = Path(data_path or split.get("dataset_root") or cfg.data.path or "")
+    if test_path is not None:
+        from ..data.msd import read_test_set
+
+        ds, which = read_test_set(test_path)
+        trained_on = split.get("dataset_root")
+        if which == "imagesTr" and trained_on and Path(ds.root).resolve() == Path(trained_on).resolve():
+            raise UserError(f"--test {test_path} is the dataset {run_dir} was trained on: its labelled "
+                            "volumes include the training volumes; evaluate the held-out ones without "
+                            "--test, or add imagesTs/ + labelsTs/ test volumes")
+        diff = class_differences(list(ckpt["class_names"]), list(ds.class_names))
+        if diff:
+            raise UserError(f"--test {test_path}: its classes differ from those {run_dir} was trained "
+                            f"on ({_some(diff)}); the structures must be the same, in the same order "
+                            "of label values (see 'labels' in its dataset.json)")
+        return _OpenRun(loaded, ds, [c.name for c in ds.cases], f"test volumes in {ds.root / which}")
+    root = Path(data_path or split.get("dataset_root") or loaded.cfg.data.path or "")
     if not str(root) or not root.is_dir():
         raise UserError(f"dataset of {run_dir} not found at '{root}'; pass --data PATH")
     ds = D.read_msd(root)
@@ -110,19 +116,23 @@ def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str 
     names = {c.name for c in ds.cases}
     missing = [n for n in split["val"] if n not in names]
     if missing:
-        raise UserError(f"held-out volumes {missing[:5]} of {run_dir} are not in {root}")
-    return _OpenRun(model, ckpt, cfg, dev, ds, list(split["val"]))
+        raise UserError(f"held-out volumes {_some(missing)} of {run_dir} are not in {root}; pass "
+                        "the dataset it was trained on with --data, or a separate labelled test set "
+                        "with --test")
+    return _OpenRun(loaded, ds, list(split["val"]))
 
 
 def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str = "last.pt",
                  tta_flip: bool = False, surface: bool = False, device: str | None = None,
                  keep_example: bool = False, progress: bool = True,
-                 save_dir: str | Path | None = None) -> RunEvaluation:
+                 save_dir: str | Path | None = None, test_path: str | Path | None = None,
+                 device_option: str = "--device") -> RunEvaluation:
     """Predict every held-out volume of ``run_dir`` and compute per-structure metrics.
 
     The last checkpoint is evaluated by default: the comparison trains on a fixed schedule and
     the held-out volumes are never used to pick a checkpoint, so the numbers are not optimistic.
     ``save_dir`` also writes each prediction as NIfTI (original label values, source affine).
+    ``test_path``: evaluate every labelled volume of that test set instead (see ``open_run``).
     """
     from tqdm.auto import tqdm
 
@@ -131,7 +141,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
     from ..metrics import evaluate_volume
 
     run_dir = Path(run_dir)
-    run = open_run(run_dir, data_path, checkpoint, device)
+    run = open_run(run_dir, data_path, checkpoint, device, test_path, device_option)
     if tta_flip:
         tta_flip_axes(run.cfg, run_dir)  # refuse before predicting anything
     k = int(run.ckpt["num_classes"])
@@ -162,7 +172,8 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
         params=sum(p.numel() for p in run.model.parameters()),
         train_seconds=float(sum(h.get("seconds", 0.0) for h in hist)),
         infer_seconds_per_volume=float(np.mean(times)) if times else float("nan"),
-        class_names=list(run.dataset.class_names), rows=rows, history=hist, example=example)
+        class_names=list(run.dataset.class_names), rows=rows, history=hist, example=example,
+        evaluated_on=run.evaluated_on)
 
 
 def format_run_summary(res: RunEvaluation) -> str:
@@ -182,8 +193,9 @@ def format_run_summary(res: RunEvaluation) -> str:
     if surface:
         head += f" {'HD95':>16} {'ASD':>16}"
     head += "  " + " ".join(f"{s:>8}" for s in STATUSES[1:])
-    lines = [f"{res.run_dir}: {res.arch} + {res.attention} (seed {res.seed}), {len(vols)} held-out "
-             f"volumes, {res.params:,} parameters, {res.infer_seconds_per_volume:.3f} s/volume", head]
+    lines = [f"{res.run_dir}: {res.arch} + {res.attention} (seed {res.seed}), {len(vols)} "
+             f"{res.evaluated_on}, {res.params:,} parameters, "
+             f"{res.infer_seconds_per_volume:.3f} s/volume", head]
 
     def pm(t):
         return f"{t[0]:.4f} +- {t[1]:.4f}" if t[2] else "n/a"

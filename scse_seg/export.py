@@ -1,0 +1,105 @@
+"""Export a trained run as a self-contained artefact: a ``torch.export`` program (``model.pt2``,
+loaded with ``torch.export.load``, no scse_seg code needed), ONNX when the ``onnx`` package is
+installed, and ``preprocessing.json``, everything a runtime needs to apply it (normalisation,
+slice axis or patch size, size multiple, label values, class names).
+
+The program takes a float32 batch ``(N, 1, H, W)`` (2D) or ``(N, 1, D, H, W)`` (3D) whose
+spatial sizes are multiples of ``size_multiple`` and at least twice it (torch.export
+specialises a bottleneck of size 1), and returns logits ``(N, K, ...)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+PROGRAM = "model.pt2"
+ONNX = "model.onnx"
+PREPROCESSING = "preprocessing.json"
+
+
+def _dynamic_shapes(dim: int, multiple: int) -> dict:
+    from torch.export import Dim
+
+    shapes = {0: Dim("batch", min=1, max=4096)}
+    for i, name in enumerate("dhw"[-dim:] if dim == 3 else "hw"):
+        shapes[2 + i] = multiple * Dim(f"{name}_blocks", min=2, max=256)
+    return {"x": shapes}
+
+
+def example_input(dim: int, multiple: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 1, *([2 * multiple] * dim))
+
+
+def export_program(model: torch.nn.Module, dim: int, multiple: int):
+    """``torch.export`` of ``model`` in eval mode on CPU, dynamic in batch and spatial size."""
+    model = model.eval().to("cpu")
+    with torch.no_grad():
+        return torch.export.export(model, (example_input(dim, multiple),),
+                                   dynamic_shapes=_dynamic_shapes(dim, multiple))
+
+
+def onnx_available() -> str | None:
+    """None when ONNX export can run, else the reason it cannot."""
+    missing = []
+    for mod in ("onnx", "onnxscript"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    return None if not missing else f"{' and '.join(missing)} not installed " \
+        "(pip install 'scse_seg[export]')"
+
+
+def export_onnx(program, path: Path, dim: int, multiple: int) -> None:
+    torch.onnx.export(program, (example_input(dim, multiple),), str(path), dynamo=True, external_data=False,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_shapes=_dynamic_shapes(dim, multiple), verbose=False)
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt",
+               onnx: bool = True) -> dict:
+    """Write ``model.pt2``, ``preprocessing.json`` and (if possible and ``onnx``) ``model.onnx``
+    into the new or empty folder ``out``; returns what was written and why ONNX was skipped."""
+    from .fileio import atomic_write_bytes, atomic_write_text
+    from .predictor import load_model
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"export folder {out} exists and is not empty; pass a new folder "
+                        "(nothing is overwritten)")
+    p = out
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"cannot create {out}: {p} is a file, not a folder; pass another OUT")
+    loaded = load_model(run_dir, checkpoint, "cpu")
+    dim, multiple = loaded.cfg.model.dim, loaded.size_multiple
+    program = export_program(loaded.model, dim, multiple)
+    pre = loaded.preprocessing()
+    pre.update(input=f"float32 (N, 1, {'D, H, W' if dim == 3 else 'H, W'}), spatial sizes multiples "
+               f"of {multiple}, at least {2 * multiple}", output="logits (N, num_classes, ...); "
+               "argmax over classes, then label_values[class]",
+               normalisation_formula="x = (x - mean) / std over the nonzero voxels of the volume "
+               "(all voxels if it has no zeros); centre-pad with the normalised volume's minimum to "
+               "the size multiple (and to at least twice it for this program); crop back", source_run=str(Path(run_dir).resolve()), checkpoint=checkpoint,
+               torch_version=torch.__version__)
+    written = {}
+
+    def save(f):
+        torch.export.save(program, f)
+
+    atomic_write_bytes(out / PROGRAM, save)
+    written["program"] = str(out / PROGRAM)
+    skipped = onnx_available() if onnx else "not requested"
+    if skipped is None:
+        export_onnx(program, out / ONNX, dim, multiple)
+        written["onnx"] = str(out / ONNX)
+    pre["onnx"] = ONNX if "onnx" in written else f"skipped: {skipped}"
+    atomic_write_text(out / PREPROCESSING, json.dumps(pre, indent=1))
+    written["preprocessing"] = str(out / PREPROCESSING)
+    written["onnx_skipped"] = skipped
+    return written

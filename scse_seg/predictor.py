@@ -1,0 +1,329 @@
+"""Use a trained run: load a run folder into a model plus everything needed to apply it, predict
+a scan with the same preprocessing as in training, write the labels as NIfTI.
+
+Shared by evaluation (held-out and test sets), prediction (``eval/predict.py``,
+``scse_seg.predict``) and export. What the model needs is read from the run folder's checkpoint
+(its saved config, class names and original label values), never re-specified by the user:
+a model trained on coronal slices is applied to coronal slices, LPBA40's class 1 is written as
+label value 21.
+"""
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError, UserError
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+CHANNEL_SUFFIX = "_0000"  # nnU-Net: case_0000.nii.gz is channel 0 of case
+
+
+@dataclass
+class LoadedModel:
+    """A trained model in eval mode with the metadata that says how to apply it."""
+
+    model: torch.nn.Module
+    cfg: Any  # scse_seg.config.Config saved with the run
+    class_names: list[str]
+    label_values: list[int]  # original label value of each class index (0 = background)
+    device: torch.device
+    run_dir: Path
+    checkpoint: str
+    ckpt: dict  # the raw checkpoint (history, epoch, best_dice...)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def size_multiple(self) -> int:
+        """Inputs are padded to a multiple of this (the network's total downsampling)."""
+        from .inference import size_multiple
+
+        return size_multiple(self.model)
+
+    def preprocessing(self) -> dict:
+        """What an input needs before the network, as plain JSON-able values."""
+        cfg = self.cfg
+        out = dict(normalisation="zscore_nonzero", dim=cfg.model.dim, size_multiple=self.size_multiple,
+                   in_channels=1, num_classes=self.num_classes, class_names=list(self.class_names),
+                   label_values=[int(v) for v in self.label_values], arch=cfg.model.arch,
+                   attention=cfg.model.attention)
+        if cfg.model.dim == 2:
+            from .data import AXIS_INDEX
+
+            out.update(slice_axis=cfg.data.axis, slice_axis_index=AXIS_INDEX[cfg.data.axis])
+        else:
+            out.update(patch_size=list(cfg.data.patch_size),  # predict_volume_3d's settings
+                       sliding_window=dict(roi_size=list(cfg.data.patch_size), overlap=0.25,
+                                           blend="gaussian"))
+        return out
+
+    def predict_classes(self, image: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Class indices (X, Y, Z) of an already normalised (X, Y, Z) float32 volume."""
+        from .inference import predict_volume_2d, predict_volume_3d
+
+        flip_axis = tta_flip_axes(self.cfg, self.run_dir or "this run")[0] if tta else -1
+        if self.cfg.model.dim == 2:
+            from .data import AXIS_INDEX
+
+            return predict_volume_2d(self.model, image, AXIS_INDEX[self.cfg.data.axis], batch_size=32,
+                                     tta_flip=tta, device=self.device, flip_axis=flip_axis,
+                                     multiple=self.size_multiple)
+        return predict_volume_3d(self.model, image, roi_size=tuple(self.cfg.data.patch_size),
+                                 tta_flip=tta, device=self.device, multiple=self.size_multiple)
+
+    def predict(self, image: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Original label values (X, Y, Z) of a raw (X, Y, Z) volume (normalised here as in
+        training)."""
+        from .data import normalise
+
+        image = np.asarray(image)
+        if image.ndim == 4 and image.shape[3] == 1:
+            image = image[..., 0]
+        if image.ndim != 3:
+            raise DataError(f"image has shape {image.shape}; a single-channel 3D volume is expected")
+        classes = self.predict_classes(normalise(image), tta)
+        return np.asarray(self.label_values, dtype=np.int64)[classes]
+
+
+def tta_flip_axes(cfg, run: str | Path = "this run") -> tuple[int, ...]:
+    """The flips test-time augmentation may use: those training used (``data.augment.flip``).
+    A run trained without flips is refused (UserError) rather than shown images it never saw."""
+    from .data.augment import trained_flip_axes
+
+    axes = trained_flip_axes(cfg.data.augment, cfg.model.dim)
+    if not axes:
+        why = "3D patch training does not flip" if cfg.model.dim != 2 else \
+            "it was trained with data.augment.flip off"
+        raise UserError(f"--tta: {run} cannot use flip test-time augmentation: {why}, so a "
+                        "flipped image is one the model never saw; train with "
+                        "data.augment.flip=true (2D) or evaluate without --tta")
+    return axes
+
+
+def find_checkpoint(run_dir: str | Path, checkpoint: str = "last.pt") -> Path:
+    """The checkpoint file of a run folder, or a UserError saying what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} not found; pass a folder written by train_seg.py "
+                        "(it holds config.yaml, last.pt and best.pt)")
+    path = run_dir / checkpoint
+    if not path.is_file():
+        others = sorted(p.name for p in run_dir.glob("*.pt"))
+        hint = f"it has {', '.join(others)}: pass --checkpoint {others[0]}" if others else \
+            "train it with train_seg.py first (checkpoints are written at the end of each epoch)"
+        raise UserError(f"{path} not found; {run_dir} holds no finished checkpoint {checkpoint} "
+                        f"({hint})")
+    return path
+
+
+def load_model(run_dir: str | Path, checkpoint: str = "last.pt", device: str | torch.device | None = None,
+               device_option: str = "device") -> LoadedModel:
+    """Load a run folder's checkpoint into a model in eval mode with its preprocessing metadata.
+
+    ``checkpoint``: ``last.pt`` (the end of training, default) or ``best.pt`` (best validation
+    Dice). ``device``: ``auto`` (default), ``cpu``, ``cuda`` or ``cuda:N``; ``device_option``
+    is the flag named in the error when that device does not exist.
+    """
+    from .config import config_from_dict
+    from .fileio import load_checkpoint
+    from .runtime import resolve_device
+
+    run_dir = Path(run_dir)
+    path = find_checkpoint(run_dir, checkpoint)
+    dev = device if isinstance(device, torch.device) else resolve_device(device, option=device_option)
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(ckpt["config"])
+        k = int(ckpt["num_classes"])
+        model = cfg.model.build(1, k)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{path} is not a checkpoint of a compatible scse_seg run ({type(e).__name__}"
+                        f": {str(e).splitlines()[0] if str(e) else e}); retrain it with this "
+                        "version") from None
+    names = list(ckpt.get("class_names") or [f"class_{i}" for i in range(k)])
+    values = [int(v) for v in (ckpt.get("label_values") or range(k))]
+    return LoadedModel(model.to(dev).eval(), cfg, names, values, dev, run_dir, checkpoint, ckpt)
+
+
+# ----------------------------------------------------------------------------- NIfTI files
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_ENDINGS)
+
+
+def case_name(path: Path) -> str:
+    """``case_0000.nii.gz`` -> ``case`` (nnU-Net channel suffix), ``case.nii`` -> ``case``."""
+    name = path.name
+    for ext in NIFTI_ENDINGS:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
+
+
+def open_nifti(path: Path):
+    """nibabel image of ``path`` (header only, data read lazily) with its checks: a NIfTI file,
+    3D or 4D with one channel."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # ImageFileError for foreign content, OSError/EOFError for truncation
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path} is not a readable NIfTI image ({msg}); pass .nii or .nii.gz "
+                        "files") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path} is a {type(img).__name__}, not a NIfTI image; convert it to "
+                        ".nii.gz first")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] != 1:
+        raise DataError(f"{path} has {shape[3]} channels (shape {shape}); the model takes one "
+                        "single-channel 3D image: keep the modality it was trained on")
+    if len(shape) not in (3, 4):
+        raise DataError(f"{path} has shape {shape}; a 3D volume is expected")
+    return img
+
+
+def read_image(img, path: Path) -> np.ndarray:
+    """The voxels of ``img`` (opened with ``open_nifti``) as a 3D array, checked finite."""
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path} cannot be read ({msg}); the file is truncated or corrupt") from None
+    if data.ndim == 4:
+        data = data[..., 0]
+    if not np.issubdtype(data.dtype, np.integer) and not np.all(np.isfinite(data)):
+        raise DataError(f"{path} has NaN/Inf voxels; replace them (e.g. with 0) first")
+    return data
+
+
+# ----------------------------------------------------------------------------- files in, files out
+
+
+def plan_outputs(inputs: str | Path, output: str | Path) -> list[tuple[Path, Path]]:
+    """(input file, output file) pairs for ``predict.py INPUT OUTPUT``, checked before anything
+    is read or written: INPUT a NIfTI file, a folder of them or a dataset folder with
+    ``imagesTs/``; OUTPUT a file (for one input ending in .nii/.nii.gz) or a folder; no output
+    may be an input."""
+    src, dst = Path(inputs), Path(output)
+    if not src.exists():
+        raise UserError(f"input {src} not found; pass a NIfTI file or a folder of them")
+    if src.resolve() == dst.resolve():
+        raise UserError(f"OUTPUT {dst} is the same as INPUT; pass another folder for the "
+                        "predictions (inputs are never overwritten)")
+    if src.is_file():
+        if not is_nifti(src):
+            raise DataError(f"{src} is not a NIfTI file (.nii or .nii.gz)")
+        files = [src]
+    else:
+        folder = src
+        if not any(is_nifti(p) for p in folder.iterdir()) and (folder / "imagesTs").is_dir():
+            folder = folder / "imagesTs"  # a dataset folder: predict its test images
+        files = sorted(p for p in folder.iterdir() if is_nifti(p) and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"input folder {folder} holds no NIfTI files (.nii, .nii.gz); pass a "
+                            "folder of images, e.g. a dataset's imagesTs/")
+        extra = sorted(p.name for p in files if _channel(p) not in (None, 0))
+        if extra:
+            raise DataError(f"{folder} holds channel files {_names(extra)} besides _0000; the model "
+                            "takes one channel: keep only the _0000 files of each case")
+    if src.is_dir() and is_nifti(dst):
+        raise UserError(f"OUTPUT {dst} is a file name but INPUT {src} is a folder; pass a folder "
+                        "for the predictions")
+    single_file = src.is_file() and is_nifti(dst)
+    if single_file:
+        pairs = [(src, dst)]
+    else:
+        if dst.exists() and not dst.is_dir():
+            raise UserError(f"OUTPUT {dst} exists and is not a folder; pass a folder (or a .nii.gz "
+                            "file name for a single input)")
+        ending = lambda p: ".nii" if p.name.endswith(".nii") else ".nii.gz"  # noqa: E731
+        pairs = [(f, dst / f"{case_name(f)}{ending(f)}") for f in files]
+    by_out: dict[Path, Path] = {}
+    ins = {f.resolve() for f in files}
+    for f, o in pairs:
+        if o.resolve() in ins:
+            raise UserError(f"OUTPUT {o} would overwrite the input {f}; pass another folder")
+        if o in by_out:
+            raise UserError(f"inputs {by_out[o].name} and {f.name} would both be written to {o}")
+        by_out[o] = f
+    _check_writable(dst if not single_file else dst.parent)
+    return pairs
+
+
+def _channel(path: Path) -> int | None:
+    name = path.name
+    for ext in NIFTI_ENDINGS:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    tail = name.rsplit("_", 1)
+    return int(tail[1]) if len(tail) == 2 and len(tail[1]) == 4 and tail[1].isdigit() else None
+
+
+def _names(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _check_writable(folder: Path) -> None:
+    """OUTPUT must be a folder we can create and write to (checked before any prediction)."""
+    p = folder
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"cannot write to {folder}: {p} is a file, not a folder; pass another OUTPUT")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {folder}: {p} is not writable; pass another OUTPUT")
+
+
+def predict_files(loaded: LoadedModel, pairs: list[tuple[Path, Path]], tta: bool = False,
+                  progress: bool = True) -> list[dict]:
+    """Predict every (input, output) pair; headers are checked for all inputs before the first
+    prediction is written. Returns one record per file (seconds, shape)."""
+    from tqdm.auto import tqdm
+
+    from .data import normalise
+    from .inference import save_prediction_nifti
+
+    opened = [(open_nifti(src), src, dst) for src, dst in pairs]  # fail before writing anything
+    records = []
+    for img, src, dst in tqdm(opened, desc="predicting", unit="volume", disable=not progress):
+        t0 = time.perf_counter()
+        classes = loaded.predict_classes(normalise(read_image(img, src)), tta)
+        seconds = time.perf_counter() - t0  # predict_classes returns on the CPU: synchronised
+        try:
+            save_prediction_nifti(classes, img.affine, loaded.label_values, dst, like=img)
+        except OSError as e:
+            raise UserError(f"could not write {dst} ({e.strerror or e}); pass another OUTPUT") from None
+        records.append(dict(input=str(src), output=str(dst), seconds=seconds,
+                            shape=list(classes.shape)))
+    return records
+
+
+def predict(run: str | Path | LoadedModel, image, checkpoint: str = "last.pt",
+            device: str | torch.device | None = None, tta: bool = False) -> np.ndarray:
+    """Segment one scan with a trained run: ``image`` is a NIfTI path, a nibabel image or a raw
+    (X, Y, Z) array; returns the dataset's original label values, same shape.
+
+    ``run`` is a run folder (loaded on each call) or ``load_model(run_dir)`` (load once, predict
+    many)."""
+    loaded = run if isinstance(run, LoadedModel) else load_model(run, checkpoint, device)
+    if isinstance(image, (str, Path)):
+        img = open_nifti(Path(image))
+        image = read_image(img, Path(image))
+    elif hasattr(image, "dataobj"):
+        image = np.asanyarray(image.dataobj)
+    return loaded.predict(np.asarray(image), tta)

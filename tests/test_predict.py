@@ -105,10 +105,10 @@ def test_predict_prints_seconds_per_volume(run, dataset, tmp_path, capsys):
 
     out = tmp_path / "seg.nii.gz"
     assert predict.main([str(run), str(dataset / "imagesTr/phantom_002.nii.gz"), str(out),
-                         "--no-progress"]) == 0
+                         "--no-progress", "--tta", "--checkpoint", "best.pt", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "predicted 1 volume" in text and "s/volume" in text and str(out) in text
-    assert out.is_file()
+    assert "best.pt" in text and set(np.unique(np.asarray(nib.load(str(out)).dataobj))) <= set(VALUES)
 
 
 def test_python_api_matches_the_command(run, dataset, tmp_path):

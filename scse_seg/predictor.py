@@ -235,7 +235,9 @@ def plan_outputs(inputs: str | Path, output: str | Path) -> list[tuple[Path, Pat
         if not files:
             raise DataError(f"input folder {folder} holds no NIfTI files (.nii, .nii.gz); pass a "
                             "folder of images, e.g. a dataset's imagesTs/")
-        extra = sorted(p.name for p in files if _channel(p) not in (None, 0))
+        names = {p.name for p in files}  # case_0001 beside case_0000: a second channel
+        extra = sorted(p.name for p in files if _channel(p) not in (None, 0) and
+                       _with_channel(p.name, _channel(p), 0) in names)
         if extra:
             raise DataError(f"{folder} holds channel files {_names(extra)} besides _0000; the model "
                             "takes one channel: keep only the _0000 files of each case")
@@ -271,6 +273,11 @@ def _channel(path: Path) -> int | None:
             break
     tail = name.rsplit("_", 1)
     return int(tail[1]) if len(tail) == 2 and len(tail[1]) == 4 and tail[1].isdigit() else None
+
+
+def _with_channel(name: str, channel: int, new: int) -> str:
+    i = name.rindex(f"_{channel:04d}")
+    return f"{name[:i]}_{new:04d}{name[i + 5:]}"
 
 
 def _names(items: list[str], limit: int = 10) -> str:

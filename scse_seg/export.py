@@ -85,7 +85,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt"
                "argmax over classes, then label_values[class]",
                normalisation_formula="x = (x - mean) / std over the nonzero voxels of the volume "
                "(all voxels if it has no zeros); centre-pad with the normalised volume's minimum to "
-               "the size multiple (and to at least twice it for this program); crop back", source_run=str(Path(run_dir).resolve()), checkpoint=checkpoint,
+               "the size multiple (and to at least twice it for this program); crop back",
+               source_run=str(Path(run_dir).resolve()), checkpoint=checkpoint,
                torch_version=torch.__version__)
     written = {}
 

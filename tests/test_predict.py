@@ -39,7 +39,8 @@ def run(dataset, tmp_path_factory):
     from scse_seg.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["--data", str(dataset), "--epochs", "1", "--out", str(out), *FAST]) == 0
+    assert main(["--data", str(dataset), "--epochs", "1", "--out", str(out), *FAST,
+                 "data.augment={flip: true}"]) == 0  # flips, so that --tta is allowed
     return out
 
 
@@ -330,9 +331,7 @@ def _tiny(arch, attention, dim=2):
     torch.manual_seed(0)
     kw = dict(encoder_name="resnet18") if arch == "smp_unet" else dict(width=4)
     model = create_model(arch, 1, 3, attention, dim, **kw).eval()
-    # smp_unet downsamples 5 times; models without the attribute (yet) take multiples of 16
-    multiple = getattr(model, "size_multiple", None) or (32 if arch == "smp_unet" else 16)
-    return model, multiple
+    return model, model.size_multiple  # 32 for smp_unet (5 downsamplings), 16 for the others
 
 
 @pytest.mark.parametrize("attention", ATTNS)

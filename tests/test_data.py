@@ -85,6 +85,35 @@ def test_nnunet_v2_convention(tmp_path):
     assert ds.orphans == []
 
 
+def test_symlinked_files_and_folders_are_followed(tiny, tmp_path_factory):
+    """Datasets linked in from shared storage (per file or per folder) load like copies; a path
+    written in dataset.json that leaves the folder (absolute, '../') is still refused."""
+    store = tmp_path_factory.mktemp("store")
+    per_file = tmp_path_factory.mktemp("per_file")
+    (per_file / "imagesTr").mkdir()
+    (per_file / "labelsTr").mkdir()
+    for sub in ("imagesTr", "labelsTr"):
+        for f in (tiny / sub).iterdir():
+            target = store / f"{sub}_{f.name}"
+            f.rename(target)
+            (per_file / sub / f.name).symlink_to(target)
+    (per_file / "dataset.json").symlink_to(tiny / "dataset.json")
+    per_folder = tmp_path_factory.mktemp("per_folder")
+    for sub in ("imagesTr", "labelsTr"):
+        (per_folder / sub).symlink_to(per_file / sub, target_is_directory=True)
+    (per_folder / "dataset.json").write_text((tiny / "dataset.json").read_text())
+    for root in (per_file, per_folder):
+        ds = read_msd(root)
+        assert [c.name for c in ds.cases] == ["c0", "c1", "c2"] and ds.orphans == []
+        assert set(np.unique(load_case(ds.cases[1], ds).label)) == {0, 1, 2}
+    for bad in (str(store / "imagesTr_c0.nii.gz"), "imagesTr/../../x.nii.gz", ".."):
+        meta = json.loads((per_folder / "dataset.json").read_text())
+        meta["training"][0]["image"] = bad
+        (per_folder / "dataset.json").write_text(json.dumps(meta))
+        with pytest.raises(DataError, match="outside the dataset folder"):
+            read_msd(per_folder)
+
+
 @pytest.mark.parametrize("breakage, needle", [
     ("no_folder", "not found"),
     ("no_json", "dataset.json not found"),

@@ -9,6 +9,7 @@ as orphans by name.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,14 +60,18 @@ def _strip_ext(name: str) -> str:
 
 
 def _inside(root: Path, rel: str, what: str) -> Path:
-    """Resolve a dataset.json path and refuse anything outside the dataset folder."""
+    """The file a dataset.json path names, refusing paths written to leave the dataset folder.
+
+    The check is on the path as written (no absolute paths, no '../' climbing out); the file
+    itself may be a symlink to anywhere (datasets linked in from shared storage are common on
+    clusters), so links are not resolved here."""
     if not isinstance(rel, str) or not rel:
         raise DataError(f"{root / 'dataset.json'}: {what} entry {rel!r} is not a file path")
-    p = (root / rel).resolve()
-    if not p.is_relative_to(root.resolve()):
+    norm = os.path.normpath(rel)
+    if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
         raise DataError(f"{root / 'dataset.json'}: {what} path {rel!r} points outside the dataset "
                         f"folder {root}; paths must stay inside it (no '../' or absolute paths)")
-    return p
+    return root / norm
 
 
 def _parse_labels(labels, js: Path) -> tuple[list[int], list[str]]:

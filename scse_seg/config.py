@@ -39,6 +39,8 @@ class DataConfig:
     samples_per_volume: int = 4
 
     def validate(self):
+        if self.path is not None and Path(self.path).name == "dataset.json":
+            self.path = str(Path(self.path).parent)  # --data .../dataset.json: use its folder
         _check(self.axis in ("sagittal", "coronal", "axial"), "data.axis",
                f"must be sagittal, coronal or axial, got {self.axis!r}")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be between 0 and 1")
@@ -77,6 +79,8 @@ class ModelConfig:
         from .blocks import attention_names
         from .models import model_names
 
+        # registry names are lower case; accept SCSE, UNet, ...
+        self.arch, self.attention = str(self.arch).lower(), str(self.attention).lower()
         _check(self.arch in model_names(), "model.arch",
                f"unknown architecture {self.arch!r}; valid: {', '.join(model_names())}")
         _check(self.attention in attention_names(), "model.attention",
@@ -151,6 +155,8 @@ class TrainConfig:
     val_batch_size: int = 32
     sync_batchnorm: bool = False  # DDP only
     progress: bool = True
+    threads: int | None = None  # CPU threads (torch.set_num_threads); None -> PyTorch's default
+    checkpoint_every_steps: int | None = None  # also write last.pt every N steps within an epoch
 
     def validate(self):
         _check(self.epochs >= 1, "train.epochs", f"must be at least 1, got {self.epochs}")
@@ -171,13 +177,17 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", "must be auto, cpu or cuda[:N]")
+        _check(self.threads is None or self.threads >= 1, "train.threads",
+               "must be at least 1 (or null for PyTorch's default)")
+        _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+               "train.checkpoint_every_steps", "must be at least 1 (or null: epoch ends only)")
 
 
 @dataclass
 class Config:
     experiment: str = "default"
     seed: int = 0
-    out: str | None = None  # run folder; None -> runs/{experiment}-{arch}-{attention}-s{seed}
+    out: str | None = None  # run folder; None -> runs/{dataset}-{arch}-{attention}-{dim}d-w{width}-s{seed}
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -189,9 +199,15 @@ class Config:
         return self
 
     def run_dir(self) -> Path:
+        """``out``, or a folder named after what makes runs differ: the experiment (when not
+        ``default``), dataset, architecture, attention, 2D/3D, width and seed, e.g.
+        ``runs/Task04_Hippocampus-unet-scse-2d-w16-s0``."""
         if self.out:
             return Path(self.out)
-        return Path("runs") / f"{self.experiment}-{self.model.arch}-{self.model.attention}-s{self.seed}"
+        m = self.model
+        data = Path(self.data.path).resolve().name if self.data.path else "phantom"
+        prefix = "" if self.experiment == "default" else f"{self.experiment}-"
+        return Path("runs") / f"{prefix}{data}-{m.arch}-{m.attention}-{m.dim}d-w{m.width}-s{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,7 +273,35 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> None:
         setattr(obj, key, value)
 
 
-def load_yaml(path: str | Path) -> dict:
+PATH_KEYS = (("data", "path"), ("data", "phantom_dir"), ("out",), ("compare", "out"))
+
+
+def project_root(config_file: Path) -> Path:
+    """The folder relative paths in ``config_file`` start from: the nearest folder at or above
+    it holding ``pyproject.toml`` or ``.git`` (a project checkout), else the file's own folder."""
+    folder = config_file.resolve().parent
+    for d in (folder, *folder.parents):
+        if (d / "pyproject.toml").is_file() or (d / ".git").exists():
+            return d
+    return folder
+
+
+def _resolve_paths(data: dict, root: Path) -> None:
+    """Make the relative paths written in a config file absolute, from ``root``, so a config
+    works from any current folder."""
+    for keys in PATH_KEYS:
+        node = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            p = Path(node[keys[-1]]).expanduser()
+            node[keys[-1]] = str(p if p.is_absolute() else root / p)
+
+
+def load_yaml(path: str | Path, resolve_paths: bool = True) -> dict:
+    """Read a config file (following ``base:``). With ``resolve_paths``, relative paths in it
+    (data.path, data.phantom_dir, out, compare.out) are taken from the project root, see
+    :func:`project_root`; paths given on the command line stay relative to the current folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; see configs/ for examples")
@@ -270,8 +314,10 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     base = data.pop("base", None)  # a config may extend another one: base: default.yaml
+    if resolve_paths:
+        _resolve_paths(data, project_root(path))
     if base is not None:
-        parent = load_yaml(path.parent / base)
+        parent = load_yaml(path.parent / base, resolve_paths)
         return _deep_update(parent, data)
     return data
 
@@ -303,8 +349,13 @@ def parse_override(text: str) -> dict:
     return node
 
 
-def build_config(files: list[str | Path] = (), overrides: list[dict] = ()) -> Config:
+def build_config(files: list[str | Path] = (), overrides: list[dict] = (),
+                 saved: str | Path | None = None) -> Config:
+    """Defaults <- ``saved`` (a run folder's config.yaml, paths as written) <- ``files`` <-
+    ``overrides``."""
     cfg = Config()
+    if saved is not None:
+        _merge(cfg, load_yaml(saved, resolve_paths=False))
     for f in files:
         _merge(cfg, load_yaml(f))
     for o in overrides:

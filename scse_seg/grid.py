@@ -176,7 +176,6 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     from .training import Trainer
 
     t_start = time.perf_counter()
-    spec.out.mkdir(parents=True, exist_ok=True)
     combos = spec.runs()
     unique = {}  # run folder -> config (a vanilla run serves every attention-only setting)
     for arch, attn, seed, fold, setting in combos:
@@ -191,6 +190,8 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
         bar.set_postfix_str(f"{run_dir.name} ({state})")
         if state != "done":
             Trainer(cfg, run_dir, resume=(state == "partial")).fit()
+    # created only now: a grid that fails on its input (e.g. a wrong --data) leaves nothing
+    spec.out.mkdir(parents=True, exist_ok=True)
     if not evaluate:
         return spec.out
     evaluated = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -216,30 +217,60 @@ class Trainer:
         return model, opt, sched
 
     # ----------------------------------------------------------------- main loop
+    def _check_data(self) -> None:
+        """Read dataset.json (cheap) before looking at the run folder, so that a wrong --data
+        reports the data, not a run-folder clash."""
+        if self.cfg.data.path is not None:
+            from ..data import read_msd
+
+            read_msd(Path(self.cfg.data.path))
+
     def fit(self) -> dict:
         info = self.info
         self._resolve_resume()
+        self._check_data()
         if info.is_main:
             self._check_run_dir()
+        threads = torch.get_num_threads()
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
         ddp.init(info, self.device)
         try:
             return self._fit()
         finally:
             ddp.cleanup(info)
+            torch.set_num_threads(threads)  # library use: leave the caller's setting as it was
 
     def _fit(self) -> dict:
         cfg, tc, info = self.cfg, self.cfg.train, self.info
+        ckpt = None
+        if self.resume:
+            ckpt = load_checkpoint(self.run_dir / "last.pt")
+            if info.is_main:
+                done, step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
+                where = f"epoch {done + 1}" + (f", step {step + 1} (mid-epoch checkpoint)"
+                                               if step else "")
+                print(f"[scse_seg] resuming {self.run_dir} from {where}: {done} of {tc.epochs} "
+                      "epochs done", flush=True)
+        if info.is_main:
+            for line in filter(None, (busy_warning(torch.get_num_threads(), self.device),)):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # max_unpool (densenet, sdnet) warns on every call in deterministic mode; on CPU it is
+            # deterministic (the bit-exact resume tests check it); on CUDA say so once, below
+            warnings.filterwarnings("ignore", message="max_unpooling.*does not have a "
+                                    "deterministic implementation")
             if self.device.type == "cuda":
                 torch.backends.cudnn.benchmark = False
+                note = cuda_reproducibility_note(cfg.model.arch)
+                if note and info.is_main:
+                    print(f"[scse_seg] note: {note}", flush=True)
         data = prepare_data(cfg, info, self.progress)
-        ckpt = None
         if info.is_main and self.run_dir.is_dir():  # temp files of a write killed half-way
             for tmp in self.run_dir.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
-        if self.resume:
-            ckpt = load_checkpoint(self.run_dir / "last.pt")
+        if ckpt is not None:
             _check_compatible(ckpt, cfg, data, self.run_dir)
         # class weights: computed once on rank 0, broadcast to every rank (on self.device: an
         # NCCL process group moves CUDA tensors only)
@@ -256,6 +287,7 @@ class Trainer:
                                    cfg.loss.dice_weight).to(self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=(self._amp_dtype() == torch.float16))
         start_epoch, best, history = 1, -1.0, []
+        start_step, partial = 0, None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -269,6 +301,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"], group["initial_lr"] = tc.lr * f(sched.last_epoch), tc.lr
             history = list(ckpt.get("history", []))
+            start_step, partial = int(ckpt.get("step", 0)), ckpt.get("partial")
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -298,6 +331,23 @@ class Trainer:
                   f"{info.world_size} = {per_proc * info.world_size} global | device "
                   f"{self.device} | run folder {self.run_dir}", flush=True)
         tb = _tensorboard(self.run_dir) if info.is_main else None
+
+        def state(epoch_done: int, **extra) -> dict:
+            return dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
+                        optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        scaler=scaler.state_dict() if scaler.is_enabled() else {},
+                        epoch=epoch_done, best_dice=best, config=cfg.to_dict(),
+                        class_names=data.class_names, label_values=data.label_values,
+                        history=history, arch=cfg.model.arch,
+                        attention=cfg.model.attention, num_classes=data.num_classes, **extra)
+
+        def save_mid_epoch(epoch: int, step: int, partial_stats: dict) -> None:
+            """last.pt after ``step`` steps of ``epoch``: what resuming there needs (the
+            epoch's data order is replayed from its seed; the RNG state is restored)."""
+            if info.is_main:
+                save_checkpoint(state(epoch - 1, step=step, partial=partial_stats,
+                                      rng=_rng_state()), self.run_dir / "last.pt")
+
         for epoch in range(start_epoch, tc.epochs + 1):
             seed_everything(cfg.seed * 1000 + epoch)
             _reseed_augmentation(data.train_set, cfg.seed * 1000 + epoch)
@@ -309,10 +359,12 @@ class Trainer:
                                 pin_memory=self.device.type == "cuda", drop_last=False,
                                 worker_init_fn=_worker_init, persistent_workers=False)
             t0 = time.perf_counter()
-            train_loss, n_samples, skipped = self._train_epoch(net, loader, opt, scaler, loss_fn,
-                                                               epoch)
+            resume_at = (start_step, partial, ckpt.get("rng")) \
+                if epoch == start_epoch and start_step else None
+            train_loss, n_samples, skipped, before = self._train_epoch(
+                net, loader, opt, scaler, loss_fn, epoch, save_mid_epoch, resume_at)
             sched.step()
-            train_time = time.perf_counter() - t0
+            train_time = time.perf_counter() - t0 + before
             per_volume = self._validate(model, data)
             dice = dice_from_counts(per_volume)  # (V, K)
             with warnings.catch_warnings():
@@ -329,18 +381,12 @@ class Trainer:
             improved = mean_dice > best
             best = max(best, mean_dice) if not math.isnan(mean_dice) else best
             if info.is_main:
-                state = dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
-                             optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                             scaler=scaler.state_dict() if scaler.is_enabled() else {},
-                             epoch=epoch, best_dice=best, config=cfg.to_dict(),
-                             class_names=data.class_names, label_values=data.label_values,
-                             history=history, arch=cfg.model.arch,
-                             attention=cfg.model.attention, num_classes=data.num_classes)
+                end_state = state(epoch)
                 # best.pt before last.pt: a kill during either write leaves last.pt at the
                 # previous epoch, so --resume redoes this epoch and writes both again
                 if improved:
-                    save_checkpoint(state, self.run_dir / "best.pt")
-                save_checkpoint(state, self.run_dir / "last.pt")
+                    save_checkpoint(end_state, self.run_dir / "best.pt")
+                save_checkpoint(end_state, self.run_dir / "last.pt")
                 _write_log(self.run_dir / "log.csv", history)
                 if tb is not None:
                     for k, v in row.items():
@@ -351,10 +397,15 @@ class Trainer:
             ddp.barrier(info)
         if tb is not None:
             tb.close()
+        best_epoch = next((int(r["epoch"]) for r in history if r["val_dice"] == best), None)
         return dict(run_dir=str(self.run_dir), history=history, best_dice=best,
-                    class_names=data.class_names)
+                    best_epoch=best_epoch, class_names=data.class_names, config=cfg.to_dict())
 
-    def _train_epoch(self, net, loader, opt, scaler, loss_fn, epoch):
+    def _train_epoch(self, net, loader, opt, scaler, loss_fn, epoch, save_mid_epoch=None,
+                     resume_at=None):
+        """One epoch; ``resume_at = (steps done, their loss/count stats, RNG state)`` continues
+        it from a mid-epoch checkpoint. Returns (mean loss, samples, skipped batches, seconds
+        spent before the checkpoint)."""
         tc, info = self.cfg.train, self.info
         from tqdm.auto import tqdm
 
@@ -362,13 +413,24 @@ class Trainer:
         amp_dtype = self._amp_dtype()
         cl = self.device.type == "cuda" and tc.channels_last
         fmt = torch.channels_last if self.cfg.model.dim == 2 else torch.channels_last_3d
-        total, count, skipped = 0.0, 0, 0
+        total, count, skipped, before = 0.0, 0, 0, 0.0
         steps = len(loader) if tc.max_steps_per_epoch is None \
             else min(len(loader), tc.max_steps_per_epoch)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False,
+        batches = iter(loader)
+        done = 0
+        if resume_at is not None:
+            done, partial, rng = resume_at
+            for _ in range(done):  # the same batches in the same order, augmentation included
+                next(batches)
+            _set_rng_state(rng)  # as after step `done` of the uninterrupted run (dropout, ...)
+            total, count, skipped = float(partial["total"]), int(partial["count"]), \
+                int(partial["skipped"])
+            before = float(partial["seconds"])
+        every = tc.checkpoint_every_steps
+        bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}", unit="batch", leave=False,
                    disable=not (self.progress and info.is_main))
         t0 = time.perf_counter()
-        for step, (x, y) in enumerate(loader, start=1):
+        for step, (x, y) in enumerate(batches, start=done + 1):
             if step > steps:
                 break
             x = x.to(self.device, non_blocking=True)
@@ -397,13 +459,16 @@ class Trainer:
             total += loss.item() * x.shape[0]
             count += x.shape[0]
             bar.set_postfix(loss=f"{total / count:.4f}",
-                            speed=f"{count / (time.perf_counter() - t0):.1f}/s")
+                            speed=f"{count / (before + time.perf_counter() - t0):.1f}/s")
             bar.update(1)
+            if every and save_mid_epoch is not None and step % every == 0 and step < steps:
+                save_mid_epoch(epoch, step, dict(total=total, count=count, skipped=skipped,
+                                                 seconds=before + time.perf_counter() - t0))
         bar.close()
         stats = ddp.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64,
                                                 device=self.device), info)
         total, n_all = stats.tolist()
-        return total / max(n_all, 1), count, skipped
+        return total / max(n_all, 1), count, skipped, before
 
     @torch.no_grad()
     def _validate(self, model, data: PreparedData) -> np.ndarray:
@@ -428,6 +493,51 @@ class Trainer:
             counts[i] = dice_counts(pred, ref, k)
         model.train(was_training)
         return ddp.all_reduce_sum(counts, info).cpu().numpy()
+
+
+def _rng_state() -> dict:
+    """Every global random generator's state, in types ``torch.load(weights_only=True)`` reads."""
+    np_state = np.random.get_state(legacy=False)
+    out = dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
+               numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                          pos=int(np_state["state"]["pos"]), has_gauss=int(np_state["has_gauss"]),
+                          gauss=float(np_state["gauss"])))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(int(v) for v in st["python"]), None))
+    n = st["numpy"]
+    np.random.set_state(dict(bit_generator="MT19937", state=dict(
+        key=n["key"].numpy().astype(np.uint32), pos=n["pos"]), has_gauss=n["has_gauss"],
+        gauss=n["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def busy_warning(threads: int, device: torch.device) -> str | None:
+    """A CPU run with several threads on a machine already busy: OpenMP threads that wait for
+    each other's cores make training many times slower (issue 10: 2.5-7 vs 57-59 samples/s)."""
+    if device.type != "cpu" or threads <= 1 or not hasattr(os, "getloadavg"):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0]
+    if load < (cpus or 1):
+        return None
+    return (f"the machine is busy (load average {load:.1f} on {cpus} CPUs) and this run uses "
+            f"{threads} threads; with other jobs competing for the cores, CPU training can be many "
+            "times slower. On a shared machine set train.threads=1 (README: Shared machines)")
+
+
+def cuda_reproducibility_note(arch: str) -> str | None:
+    """What deterministic mode cannot make bit-reproducible on CUDA (printed once per run)."""
+    if arch in ("densenet", "sdnet"):
+        return (f"{arch} uses max_unpool, which has no deterministic CUDA kernel: CUDA runs of it "
+                "are not bit-reproducible (CPU runs and the other architectures are)")
+    return None
 
 
 def _lr_lambda(tc):

@@ -200,14 +200,16 @@ class Config:
 
     def run_dir(self) -> Path:
         """``out``, or a folder named after what makes runs differ: the experiment (when not
-        ``default``), dataset, architecture, attention, 2D/3D, width and seed, e.g.
-        ``runs/Task04_Hippocampus-unet-scse-2d-w16-s0``."""
+        ``default``), dataset, architecture, attention (and its placement unless ``all``),
+        2D/3D, width, seed (and fold), e.g. ``runs/Task04_Hippocampus-unet-scse-2d-w16-s0``."""
         if self.out:
             return Path(self.out)
         m = self.model
         data = Path(self.data.path).resolve().name if self.data.path else "phantom"
         prefix = "" if self.experiment == "default" else f"{self.experiment}-"
-        return Path("runs") / f"{prefix}{data}-{m.arch}-{m.attention}-{m.dim}d-w{m.width}-s{self.seed}"
+        attn = m.attention if m.placement == "all" else f"{m.attention}@{m.placement}"
+        fold = "" if self.data.folds is None else f"-fold{self.data.fold}of{self.data.folds}"
+        return Path("runs") / f"{prefix}{data}-{m.arch}-{attn}-{m.dim}d-w{m.width}-s{self.seed}{fold}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -46,6 +46,8 @@ def test_default_run_folder_names_dataset_and_settings():
     cfg = build_config([], [{"data": {"path": "/d/Task04_Hippocampus"}, "seed": 2,
                              "model": {"dim": 3, "width": 8, "attention": "cse"}}])
     assert cfg.run_dir() == Path("runs/Task04_Hippocampus-unet-cse-3d-w8-s2")
+    cfg = build_config([], [{"data": {"folds": 5, "fold": 1}, "model": {"placement": "decoder"}}])
+    assert cfg.run_dir() == Path("runs/phantom-unet-scse@decoder-2d-w16-s0-fold1of5")
     cfg = build_config([ROOT / "configs" / "hippocampus.yaml"])
     assert cfg.run_dir() == Path("runs/hippocampus-Task04_Hippocampus-unet-scse-2d-w32-s0")
 

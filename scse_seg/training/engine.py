@@ -252,9 +252,6 @@ class Trainer:
                                                if step else "")
                 print(f"[scse_seg] resuming {self.run_dir} from {where}: {done} of {tc.epochs} "
                       "epochs done", flush=True)
-        if info.is_main:
-            for line in filter(None, (busy_warning(torch.get_num_threads(), self.device),)):
-                print(f"warning: {line}", file=sys.stderr, flush=True)
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             # max_unpool (densenet, sdnet) warns on every call in deterministic mode; on CPU it is
@@ -324,7 +321,10 @@ class Trainer:
                 data.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                 seed=cfg.seed, drop_last=False)
         per_proc = tc.batch_size
-        if info.is_main:
+        if info.is_main:  # after every input check: an error stays the only line on stderr
+            busy = busy_warning(torch.get_num_threads(), self.device)
+            if busy:
+                print(f"warning: {busy}", file=sys.stderr, flush=True)
             print(f"[scse_seg] {cfg.model.arch}+{cfg.model.attention} dim={cfg.model.dim} | "
                   f"{len(data.train_set)} training samples, {len(data.val_volumes)} validation "
                   f"volumes, {data.num_classes} classes | batch {per_proc}/process x "

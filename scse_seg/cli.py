@@ -105,7 +105,7 @@ def done_line(result: dict) -> str:
     last, best_epoch = h[-1] if h else {}, result.get("best_epoch")
     return (f"done: validation Dice {float(last.get('val_dice', float('nan'))):.4f} at the last "
             f"epoch ({last.get('epoch', '?')}, last.pt), best {result['best_dice']:.4f} at epoch "
-            f"{best_epoch} (best.pt); eval/evaluate.py and eval/compare.py use last.pt "
+            f"{best_epoch} (best.pt); eval/evaluate.py, predict.py and compare.py use last.pt "
             f"(--checkpoint best.pt for the best); run folder {result['run_dir']}")
 
 

@@ -73,7 +73,7 @@ class ModelConfig:
     bottleneck_attention: bool = True
     placement: str = "all"  # all | encoder | decoder: which blocks get attention (ablations)
     dropout: float | None = None  # None -> the architecture's default
-    encoder_name: str = "resnet34"  # smp_unet only
+    encoder_name: str = "resnet34"  # smp_unet and smp:* archs only
 
     def validate(self):
         from .blocks import attention_names
@@ -94,8 +94,8 @@ class ModelConfig:
         _check(self.placement == "all" or self.arch != "smp_unet", "model.placement",
                "smp_unet supports only placement: all")
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
-        _check(not (self.arch == "smp_unet" and self.dim == 3), "model.dim",
-               "smp_unet is 2D only; use unet, densenet or sdnet for dim: 3")
+        _check(not (self.arch.startswith("smp") and self.dim == 3), "model.dim",
+               f"{self.arch} is 2D only; use unet, densenet, sdnet or a monai:* arch for dim: 3")
 
     def size_multiple(self) -> int:
         """The multiple every input size of this model must be (its ``size_multiple``: 16 for
@@ -114,7 +114,7 @@ class ModelConfig:
             kw["placement"] = self.placement
         if self.dropout is not None:
             kw["dropout"] = self.dropout
-        if self.arch == "smp_unet":
+        if self.arch.startswith("smp"):  # smp_unet and the smp:* networks (models/plugged.py)
             kw = dict(encoder_name=self.encoder_name, reduction=self.reduction, fusion=self.fusion)
         return create_model(self.arch, in_channels, num_classes, self.attention, self.dim, **kw)
 

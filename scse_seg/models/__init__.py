@@ -1,5 +1,5 @@
 """Architectures, built by name: ``create_model(arch, in_channels, num_classes, attention, dim)``."""
-from . import paper_models, smp_decoder  # noqa: F401  (register architectures)
+from . import paper_models, plugged, smp_decoder  # noqa: F401  (register architectures)
 from .encoder_decoder import EncoderDecoder, Stage
 from .registry import create_model, model_names, register_model
 from .summary import count_parameters, parameter_table

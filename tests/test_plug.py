@@ -2,14 +2,20 @@
 its output shape, grows by exactly the inserted blocks, trains every block; "none" is bit-identical;
 smp's own decoder_attention_type="scse" is reproduced; the unmodified state_dict still loads."""
 import copy
+import csv
+import re
+import sys
 
 import pytest
 import torch
+from helpers import FAST, ROOT
 
 from scse_seg.blocks import create_attention
 from scse_seg.plug import ATTR, add_attention, find_sites, supported
 from scse_seg.plug.insert import UNUSED
 from scse_seg.plug.sites import SMP_DECODER
+
+sys.path.insert(0, str(ROOT / "eval"))
 
 SMP = list(SMP_DECODER)
 MONAI = [("UNet", 2), ("UNet", 3), ("BasicUNet", 2), ("BasicUNet", 3), ("DynUNet", 2), ("DynUNet", 3)]
@@ -212,7 +218,8 @@ def test_ddp_trains_the_plugged_blocks(tmp_path):
         dist.destroy_process_group()
     for row in report.rows:
         block = getattr(model, ATTR)[row.key]
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+        assert all(p.grad is not None for p in block.parameters())
+        assert sum(p.grad.abs().sum() for p in block.parameters()) > 0, row.site
 
 
 def test_bad_where_and_unknown_network():
@@ -270,3 +277,67 @@ def test_registry_builds_plugged_networks(arch, dim):
     assert len(getattr(model, ATTR)) > 0
     vanilla = create_model(arch, 1, 3, "none", dim, **kw)
     assert not hasattr(vanilla, ATTR)
+
+
+def _readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Add attention to your own network")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_readme_examples_run_as_written(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", _readme_section(), flags=re.S)
+    assert len(blocks) == 2  # the smp and the MONAI example
+    for code in blocks:
+        assert len(code.strip().splitlines()) <= 12
+        exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.count("parameters added") == 2
+
+
+def test_readme_table_lists_every_supported_architecture():
+    rows = [r for r in _readme_section().splitlines() if r.startswith(("| smp ", "| MONAI "))]
+    for name in supported():
+        lib, cls = name.split(":")
+        assert any(r.lower().startswith(f"| {lib} ") and re.search(rf"\b{cls}\b", r.split("|")[1])
+                   for r in rows), f"{name} missing from the README table"
+
+
+def test_comparison_grid_on_plugged_networks(tiny_phantom, tmp_path):
+    """eval/compare.py end to end on two new architectures (smp FPN, MONAI DynUNet), 1 epoch."""
+    import compare
+
+    out = tmp_path / "grid"
+    args = ["--data", str(tiny_phantom), "--archs", "smp_fpn,monai_dynunet", "--attns", "none,scse",
+            "--seeds", "1", "--epochs", "1", "--out", str(out), "model.encoder_name=resnet18", *FAST]
+    assert compare.main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "## smp_fpn" in report and "## monai_dynunet" in report
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["arch"], r["attention"]) for r in rows} == {
+        (a, t) for a in ("smp_fpn", "monai_dynunet") for t in ("none", "scse")}
+    ckpt = torch.load(out / "runs" / "smp_fpn-scse-s0" / "last.pt", weights_only=False)
+    assert any(k.startswith(ATTR) for k in ckpt["model"])  # the plugged blocks were trained and saved
+
+
+def test_copies_and_pickles_run_their_own_blocks(tmp_path):
+    """The hooks hold their blocks; deepcopy and torch.save/load must carry them together."""
+    model = _model("monai", "BasicUNet", 2).eval()
+    add_attention(model, "scse", example_input=torch.zeros(1, 1, 32, 32))
+    x = _input("monai", "BasicUNet", 2)
+    ref = model(x)
+    torch.save(model, tmp_path / "m.pt")
+    for other in (copy.deepcopy(model), torch.load(tmp_path / "m.pt", weights_only=False)):
+        with torch.no_grad():
+            for p in getattr(other, ATTR).parameters():
+                p.zero_()
+            assert not torch.equal(other(x), ref)  # the copy runs its own (zeroed) blocks
+            assert torch.equal(model(x), ref)  # and the original is untouched
+
+
+def test_config_names_the_key_for_3d_smp():
+    from scse_seg.config import ModelConfig
+    from scse_seg.errors import ConfigError
+
+    ModelConfig(arch="monai:DynUNet", dim=3).validate()
+    with pytest.raises(ConfigError, match="model.dim.*smp:FPN is 2D only"):
+        ModelConfig(arch="smp:FPN", dim=3).validate()

@@ -115,7 +115,8 @@ class ModelConfig:
         if self.dropout is not None:
             kw["dropout"] = self.dropout
         if self.arch.startswith("smp"):  # smp_unet and the smp:* networks (models/plugged.py)
-            kw = dict(encoder_name=self.encoder_name, reduction=self.reduction, fusion=self.fusion)
+            kw = dict(encoder_name=self.encoder_name, reduction=self.reduction, fusion=self.fusion,
+                      **({"placement": self.placement} if self.placement != "all" else {}))
         return create_model(self.arch, in_channels, num_classes, self.attention, self.dim, **kw)
 
 

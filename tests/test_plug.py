@@ -277,6 +277,10 @@ def test_registry_builds_plugged_networks(arch, dim):
     assert len(getattr(model, ATTR)) > 0
     vanilla = create_model(arch, 1, 3, "none", dim, **kw)
     assert not hasattr(vanilla, ATTR)
+    decoder_only = create_model(arch, 1, 3, "cse", dim, placement="decoder", **kw)
+    assert 0 < len(getattr(decoder_only, ATTR)) < len(getattr(model, ATTR))
+    assert all(not k.startswith(("encoder", "input", "down", "conv_0"))
+               for k in getattr(decoder_only, ATTR))
 
 
 def _readme_section() -> str:

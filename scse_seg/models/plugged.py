@@ -5,7 +5,8 @@ Names: ``smp:<Class>`` (e.g. ``smp:FPN``, with ``encoder_name``, random init) an
 (``monai:UNet``, ``monai:BasicUNet``, ``monai:DynUNet``, 2D or 3D, channel widths from ``width``);
 lower-case aliases ``smp_fpn``, ``monai_dynunet``... where the name is free (``smp_unet`` is our own
 decoder on an smp encoder, so smp's Unet is ``smp:Unet`` only). Attention goes after every encoder
-stage and decoder block (``where="all"``, the papers' placement) unless ``where`` says otherwise.
+stage and decoder block (``placement="all"``, the papers' placement; ``model.placement`` picks
+``encoder`` or ``decoder`` alone, as :func:`add_attention`'s ``where``).
 """
 from __future__ import annotations
 
@@ -21,19 +22,19 @@ MONAI = ("UNet", "BasicUNet", "DynUNet")
 DEPTH = 4  # MONAI networks: 4 downsamplings, inputs divisible by 16 (as our paper models)
 
 
-def _plug(model: nn.Module, attention: str, where, size_multiple: int, in_channels: int, dim: int,
-          attention_kwargs: dict) -> nn.Module:
+def _plug(model: nn.Module, attention: str, placement: str, size_multiple: int, in_channels: int,
+          dim: int, attention_kwargs: dict) -> nn.Module:
     model.size_multiple = size_multiple
     if attention not in (None, "none"):
         import torch
 
         probe = torch.zeros(1, in_channels, *([2 * size_multiple] * dim))
-        add_attention(model, attention, where=where, example_input=probe, **attention_kwargs)
+        add_attention(model, attention, where=placement, example_input=probe, **attention_kwargs)
     return model
 
 
 def build_smp(cls: str, in_channels: int, num_classes: int, attention: str = "scse", dim: int = 2,
-              encoder_name: str = "resnet34", encoder_depth: int = 5, where="all",
+              encoder_name: str = "resnet34", encoder_depth: int = 5, placement: str = "all",
               width=None, dropout=None, bottleneck_attention=None, smp_kwargs: dict | None = None,
               **attention_kwargs) -> nn.Module:
     """smp.<cls> (random init, smp's default decoder widths; ``width``, ``dropout`` and
@@ -47,11 +48,11 @@ def build_smp(cls: str, in_channels: int, num_classes: int, attention: str = "sc
     if cls != "DPT":
         kw["encoder_depth"] = encoder_depth
     model = getattr(smp, cls)(**kw)
-    return _plug(model, attention, where, 2 ** encoder_depth, in_channels, 2, attention_kwargs)
+    return _plug(model, attention, placement, 2 ** encoder_depth, in_channels, 2, attention_kwargs)
 
 
 def build_monai(cls: str, in_channels: int, num_classes: int, attention: str = "scse", dim: int = 2,
-                width: int = 16, dropout: float | None = None, where="all",
+                width: int = 16, dropout: float | None = None, placement: str = "all",
                 bottleneck_attention=None, **attention_kwargs) -> nn.Module:
     """MONAI <cls> with ``width`` channels at full resolution, doubling per level (4 levels)."""
     from monai.networks import nets
@@ -68,7 +69,7 @@ def build_monai(cls: str, in_channels: int, num_classes: int, attention: str = "
         model = nets.DynUNet(dim, in_channels, num_classes, kernel_size=[3] * (DEPTH + 1),
                              strides=[1] + [2] * DEPTH, upsample_kernel_size=[2] * DEPTH,
                              filters=widths, dropout=drop or None)
-    return _plug(model, attention, where, 2 ** DEPTH, in_channels, dim, attention_kwargs)
+    return _plug(model, attention, placement, 2 ** DEPTH, in_channels, dim, attention_kwargs)
 
 
 def _register(name: str, fn) -> None:

@@ -345,3 +345,21 @@ def test_config_names_the_key_for_3d_smp():
     ModelConfig(arch="monai:DynUNet", dim=3).validate()
     with pytest.raises(ConfigError, match="model.dim.*smp:FPN is 2D only"):
         ModelConfig(arch="smp:FPN", dim=3).validate()
+
+
+def test_bench_plug_runs(tmp_path):
+    """bench/bench_plug.py end to end at a tiny size (rows and columns only, no timing claims)."""
+    sys.path.insert(0, str(ROOT))
+    from bench import bench_plug
+
+    bench_plug.main(["smp", "--archs", "Unet", "--encoder", "resnet18", "--size", "64", "--iters",
+                     "1", "--out", str(tmp_path / "smp")])
+    bench_plug.main(["monai", "--archs", "BasicUNet", "--dim", "2", "--width", "4", "--monai-size",
+                     "32", "--iters", "1", "--out", str(tmp_path / "monai")])
+    rows = list(csv.DictReader((tmp_path / "smp" / "plug.csv").open()))
+    assert [r["variant"] for r in rows] == ["none", "plug scse", "plug scse@smp", "smp scse"]
+    assert [r["sites"] for r in rows] == ["0", "5", "9", "10"]
+    rows = list(csv.DictReader((tmp_path / "monai" / "plug.csv").open()))
+    assert [(r["arch"], r["variant"]) for r in rows] == [("monai:BasicUNet 2D", "none"),
+                                                         ("monai:BasicUNet 2D", "plug scse")]
+    assert "overhead vs none" in (tmp_path / "monai" / "report.md").read_text()

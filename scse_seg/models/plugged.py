@@ -25,6 +25,8 @@ DEPTH = 4  # MONAI networks: 4 downsamplings, inputs divisible by 16 (as our pap
 def _plug(model: nn.Module, attention: str, placement: str, size_multiple: int, in_channels: int,
           dim: int, attention_kwargs: dict) -> nn.Module:
     model.size_multiple = size_multiple
+    if next(model.parameters()).is_meta:  # a weightless copy (ModelConfig.size_multiple) cannot
+        return model  # run the shape probe; only its size_multiple is read
     if attention not in (None, "none"):
         import torch
 
@@ -78,6 +80,8 @@ def _register(name: str, fn) -> None:
 
 
 for _cls in SMP_DECODER:
+    if _cls == "DPT":  # needs a timm ViT encoder ("tu-vit_..."): use add_attention on smp.DPT
+        continue
     _fn = partial(build_smp, _cls)
     _register(f"smp:{_cls}", _fn)
     if f"smp_{_cls.lower()}" not in _MODELS and _cls != "Unet":

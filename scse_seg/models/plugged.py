@@ -25,10 +25,11 @@ DEPTH = 4  # MONAI networks: 4 downsamplings, inputs divisible by 16 (as our pap
 def _plug(model: nn.Module, attention: str, placement: str, size_multiple: int, in_channels: int,
           dim: int, attention_kwargs: dict) -> nn.Module:
     model.size_multiple = size_multiple
-    if next(model.parameters()).is_meta:  # a weightless copy (ModelConfig.size_multiple) cannot
-        return model  # run the shape probe; only its size_multiple is read
+    import torch
+
+    if torch.empty(0).is_meta:  # built under torch.device("meta") (ModelConfig.size_multiple): a
+        return model  # weightless copy cannot run the shape probe; only size_multiple is read
     if attention not in (None, "none"):
-        import torch
 
         probe = torch.zeros(1, in_channels, *([2 * size_multiple] * dim))
         add_attention(model, attention, where=placement, example_input=probe, **attention_kwargs)

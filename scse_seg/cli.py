@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_name(flag: str, value: str | None, valid: list[str], what: str) -> None:
     """--arch / --attn: names are case-insensitive; an unknown one is a one-line error."""
-    if value is not None and value.lower() not in valid:
+    if value is not None and value.lower() not in {v.lower() for v in valid}:
         raise UserError(f"{flag}: unknown {what} {value!r}; valid: {', '.join(valid)} "
                         "(case-insensitive)")
 

@@ -77,10 +77,11 @@ class ModelConfig:
 
     def validate(self):
         from .blocks import attention_names
-        from .models import model_names
+        from .models import model_names, resolve_model_name
 
-        # registry names are lower case; accept SCSE, UNet, ...
-        self.arch, self.attention = str(self.arch).lower(), str(self.attention).lower()
+        # names are case-insensitive: accept SCSE, UNet, smp:fpn, ...
+        self.arch = resolve_model_name(self.arch) or str(self.arch)
+        self.attention = str(self.attention).lower()
         _check(self.arch in model_names(), "model.arch",
                f"unknown architecture {self.arch!r}; valid: {', '.join(model_names())}")
         _check(self.attention in attention_names(), "model.attention",

@@ -71,6 +71,11 @@ class GridSpec:
             spec.archs = spec.archs.split(",")
         if isinstance(spec.attns, str):
             spec.attns = spec.attns.split(",")
+        from .models import resolve_model_name
+
+        # one spelling per architecture/attention, so run folders do not depend on the case typed
+        spec.archs = [resolve_model_name(a.strip()) or a.strip() for a in spec.archs]
+        spec.attns = [str(t).strip().lower() for t in spec.attns]
         spec.overrides = [parse_override(o) for o in args.overrides]
         flags = {}
         if args.data:

@@ -146,6 +146,9 @@ def test_unknown_arch_flag_and_no_traceback(tmp_path):
                                              "found; pass the folder that holds dataset.json, "
                                              "imagesTr/ and labelsTr/ (--data PATH or data.path)"]
     r = run_cli(["--arch", "vnet"])
+    from scse_seg.models import model_names
+
+    assert {"densenet", "sdnet", "smp_unet", "unet", "smp:FPN", "monai:DynUNet"} <= set(model_names())
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: --arch: unknown architecture 'vnet'; valid: densenet, sdnet, smp_unet, unet "
+        f"error: --arch: unknown architecture 'vnet'; valid: {', '.join(model_names())} "
         "(case-insensitive)"]

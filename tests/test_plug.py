@@ -363,3 +363,19 @@ def test_bench_plug_runs(tmp_path):
     assert [(r["arch"], r["variant"]) for r in rows] == [("monai:BasicUNet 2D", "none"),
                                                          ("monai:BasicUNet 2D", "plug scse")]
     assert "overhead vs none" in (tmp_path / "monai" / "report.md").read_text()
+
+
+def test_architecture_names_are_case_insensitive_everywhere(tmp_path):
+    import compare
+
+    from scse_seg.config import build_config, parse_override
+    from scse_seg.grid import GridSpec
+    from scse_seg.models import create_model
+
+    assert build_config([], [parse_override("model.arch=SMP:fpn")]).model.arch == "smp:FPN"
+    assert build_config([], [parse_override("model.arch=UNet")]).model.arch == "unet"
+    assert type(create_model("SMP:FPN", 1, 2, "none", encoder_name="resnet18",
+                             encoder_depth=3)).__name__ == "FPN"
+    spec = GridSpec.from_args(compare.build_parser().parse_args(
+        ["--archs", "UNet,smp:fpn", "--attns", "None,SCSE", "--out", str(tmp_path)]))
+    assert spec.archs == ["unet", "smp:FPN"] and spec.attns == ["none", "scse"]

@@ -22,6 +22,15 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
+def resolve_model_name(name: str) -> str | None:
+    """The registered spelling of ``name``, matched case-insensitively (``UNet`` -> ``unet``,
+    ``smp:fpn`` -> ``smp:FPN``); None when no architecture has that name."""
+    if name in _MODELS:
+        return name
+    by_lower = {k.lower(): k for k in _MODELS}
+    return by_lower.get(str(name).lower())
+
+
 def create_model(arch: str, in_channels: int = 1, num_classes: int = 2, attention: str = "scse",
                  dim: int = 2, **kwargs) -> nn.Module:
     """Build architecture ``arch`` with ``attention`` after every encoder and decoder block.
@@ -30,7 +39,8 @@ def create_model(arch: str, in_channels: int = 1, num_classes: int = 2, attentio
     attention options (``reduction``, ``fusion``), e.g.
     ``create_model("densenet", 1, 28, attention="scse", fusion="max", reduction=2)``.
     """
-    if arch not in _MODELS:
+    name = resolve_model_name(arch)
+    if name is None:
         raise ValueError(f"unknown architecture {arch!r}; valid names: {', '.join(model_names())}")
-    return _MODELS[arch](in_channels=in_channels, num_classes=num_classes, attention=attention,
+    return _MODELS[name](in_channels=in_channels, num_classes=num_classes, attention=attention,
                          dim=dim, **kwargs)

@@ -31,6 +31,8 @@ class DataConfig:
     val_fraction: float = 0.2  # single split; ignored when data.folds is set
     folds: int | None = None  # K-fold cross-validation over subjects (None: single split)
     fold: int = 0  # which fold is held out (0..folds-1)
+    zoom: float | None = None  # resample every volume by this factor (0.5 = half resolution)
+    target_spacing: list[float] | None = None  # or to this voxel size in mm (x, y, z)
     max_cases: int | None = None  # use only the first N cases (quick runs)
     skip_empty: bool = False  # drop training slices with background only
     augment: dict[str, Any] = field(default_factory=lambda: {
@@ -57,6 +59,12 @@ class DataConfig:
                "must be at least 2 (or null for a single split)")
         _check(self.fold >= 0 and (self.folds is None or self.fold < self.folds), "data.fold",
                f"must be in 0..{(self.folds or 1) - 1}, got {self.fold}")
+        _check(self.zoom is None or 0 < self.zoom <= 4, "data.zoom", "must be in (0, 4], e.g. 0.5")
+        _check(self.target_spacing is None or (len(self.target_spacing) == 3
+                                                and min(self.target_spacing) > 0),
+               "data.target_spacing", "must be three positive voxel sizes in mm, e.g. [1, 1, 1]")
+        _check(self.zoom is None or self.target_spacing is None, "data.zoom",
+               "set data.zoom or data.target_spacing, not both")
         _check(self.max_cases is None or self.max_cases >= 2, "data.max_cases",
                "must be at least 2 (one training and one validation volume)")
         _check(self.samples_per_volume >= 1, "data.samples_per_volume", "must be at least 1")

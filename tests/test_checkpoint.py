@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from scse_seg.errors import UserError
 from scse_seg import fileio as ck
+from scse_seg.errors import UserError
 
 
 def test_roundtrip(tmp_path):

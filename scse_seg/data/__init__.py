@@ -3,10 +3,11 @@ from .augment import build_augmentation
 from .msd import CaseRef, MSDDataset, Volume, load_case, normalise, read_msd, remap_labels, restore_labels
 from .patches import PatchDataset
 from .phantom import generate_phantom
+from .resample import probabilities_to_grid, resample_case, resample_volume
 from .slices import AXIS_INDEX, SliceDataset, class_frequencies, pad_or_crop
 from .splits import kfold_split, split_cases
 
 __all__ = ["AXIS_INDEX", "CaseRef", "MSDDataset", "PatchDataset", "SliceDataset", "Volume",
            "build_augmentation", "class_frequencies", "generate_phantom", "kfold_split", "load_case",
-           "normalise", "pad_or_crop", "read_msd", "remap_labels", "restore_labels",
-           "split_cases"]
+           "normalise", "pad_or_crop", "probabilities_to_grid", "read_msd", "remap_labels",
+           "resample_case", "resample_volume", "restore_labels", "split_cases"]

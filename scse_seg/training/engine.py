@@ -108,7 +108,8 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True,
     def load(names, what):
         it = tqdm(names, desc=f"loading {what} volumes", disable=not (progress and info.is_main),
                   leave=False)
-        return [D.load_case(by_name[n], ds) for n in it]
+        return [D.resample_case(D.load_case(by_name[n], ds), dc.zoom, dc.target_spacing)
+                for n in it]
 
     train_vols, val_vols = load(train_names, "train"), load(val_names, "val")
     k = len(ds.class_names)

@@ -56,6 +56,10 @@ class LoadedModel:
                    in_channels=1, num_classes=self.num_classes, class_names=list(self.class_names),
                    label_values=[int(v) for v in self.label_values], arch=cfg.model.arch,
                    attention=cfg.model.attention)
+        if self.resampled:  # predicted on the resampled grid, probabilities brought back
+            out["resample"] = dict(zoom=cfg.data.zoom, target_spacing=cfg.data.target_spacing,
+                                   image="trilinear, voxel centres aligned",
+                                   back="probabilities trilinear to the input grid, then argmax")
         if cfg.model.dim == 2:
             from .data import AXIS_INDEX
 
@@ -66,21 +70,43 @@ class LoadedModel:
                                            blend="gaussian"))
         return out
 
-    def predict_classes(self, image: np.ndarray, tta: bool = False) -> np.ndarray:
-        """Class indices (X, Y, Z) of an already normalised (X, Y, Z) float32 volume."""
+    @property
+    def resampled(self) -> bool:
+        """Whether the run was trained on resampled volumes (data.zoom / data.target_spacing)."""
+        return self.cfg.data.zoom is not None or self.cfg.data.target_spacing is not None
+
+    def predict_classes(self, image: np.ndarray, tta: bool = False,
+                        affine: np.ndarray | None = None) -> np.ndarray:
+        """Class indices (X, Y, Z) of an already normalised (X, Y, Z) float32 volume, on its own
+        grid. A run trained on resampled volumes predicts on the resampled grid and its class
+        probabilities are brought back (``affine``: the volume's, needed for target_spacing)."""
         from .inference import predict_volume_2d, predict_volume_3d
 
         flip_axis = tta_flip_axes(self.cfg, self.run_dir or "this run")[0] if tta else -1
+        dc = self.cfg.data
+        if self.resampled:
+            from .data.resample import probabilities_to_grid, resample_volume
+
+            if dc.target_spacing is not None and affine is None:
+                raise UserError("this run was trained at data.target_spacing "
+                                f"{dc.target_spacing}; predicting needs the scan's affine")
+            shape = image.shape
+            image, _, _ = resample_volume(image, None, np.eye(4) if affine is None else affine,
+                                          dc.zoom, dc.target_spacing)
         if self.cfg.model.dim == 2:
             from .data import AXIS_INDEX
 
-            return predict_volume_2d(self.model, image, AXIS_INDEX[self.cfg.data.axis], batch_size=32,
-                                     tta_flip=tta, device=self.device, flip_axis=flip_axis,
-                                     multiple=self.size_multiple)
-        return predict_volume_3d(self.model, image, roi_size=tuple(self.cfg.data.patch_size),
-                                 tta_flip=tta, device=self.device, multiple=self.size_multiple)
+            out = predict_volume_2d(self.model, image, AXIS_INDEX[dc.axis], batch_size=32,
+                                    tta_flip=tta, device=self.device, flip_axis=flip_axis,
+                                    multiple=self.size_multiple, return_probs=self.resampled)
+        else:
+            out = predict_volume_3d(self.model, image, roi_size=tuple(dc.patch_size),
+                                    tta_flip=tta, device=self.device, multiple=self.size_multiple,
+                                    return_probs=self.resampled)
+        return probabilities_to_grid(out, shape) if self.resampled else out
 
-    def predict(self, image: np.ndarray, tta: bool = False) -> np.ndarray:
+    def predict(self, image: np.ndarray, tta: bool = False,
+                affine: np.ndarray | None = None) -> np.ndarray:
         """Original label values (X, Y, Z) of a raw (X, Y, Z) volume (normalised here as in
         training)."""
         from .data import normalise
@@ -90,7 +116,7 @@ class LoadedModel:
             image = image[..., 0]
         if image.ndim != 3:
             raise DataError(f"image has shape {image.shape}; a single-channel 3D volume is expected")
-        classes = self.predict_classes(normalise(image), tta)
+        classes = self.predict_classes(normalise(image), tta, affine)
         return np.asarray(self.label_values, dtype=np.int64)[classes]
 
 
@@ -309,7 +335,7 @@ def predict_files(loaded: LoadedModel, pairs: list[tuple[Path, Path]], tta: bool
     records = []
     for img, src, dst in tqdm(opened, desc="predicting", unit="volume", disable=not progress):
         t0 = time.perf_counter()
-        classes = loaded.predict_classes(normalise(read_image(img, src)), tta)
+        classes = loaded.predict_classes(normalise(read_image(img, src)), tta, img.affine)
         seconds = time.perf_counter() - t0  # predict_classes returns on the CPU: synchronised
         try:
             save_prediction_nifti(classes, img.affine, loaded.label_values, dst, like=img)
@@ -328,9 +354,10 @@ def predict(run: str | Path | LoadedModel, image, checkpoint: str = "last.pt",
     ``run`` is a run folder (loaded on each call) or ``load_model(run_dir)`` (load once, predict
     many)."""
     loaded = run if isinstance(run, LoadedModel) else load_model(run, checkpoint, device)
+    affine = None
     if isinstance(image, (str, Path)):
         img = open_nifti(Path(image))
-        image = read_image(img, Path(image))
+        image, affine = read_image(img, Path(image)), img.affine
     elif hasattr(image, "dataobj"):
-        image = np.asanyarray(image.dataobj)
-    return loaded.predict(np.asarray(image), tta)
+        image, affine = np.asanyarray(image.dataobj), image.affine
+    return loaded.predict(np.asarray(image), tta, affine)

@@ -3,6 +3,7 @@ interpolated exactly for linear intensity ramps, labels by nearest neighbour, an
 come back to the original grid through their probabilities."""
 import numpy as np
 import pytest
+import torch
 
 from scse_seg.data.resample import (
     probabilities_to_grid,
@@ -92,3 +93,55 @@ def test_training_data_is_resampled(tiny_phantom):
     doubled = pytest.approx(tuple(2 * s for s in original))
     assert all(voxel_spacing(v.affine) == doubled for v in data.val_volumes)
     assert tuple(data.train_set.images.shape[1:]) == (16, 16)  # coronal slices of 16^3 volumes
+
+
+class _Echo(torch.nn.Module):
+    """Scores class c highest where the input holds value c (see tests/test_inference.py)."""
+
+    size_multiple = 16
+
+    def forward(self, x):
+        labels = x[:, 0].round().long().clamp(0, 3)
+        return torch.nn.functional.one_hot(labels, 4).movedim(-1, 1).float() * 10
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("how", ["zoom", "target_spacing"])
+def test_a_resampled_run_predicts_on_the_original_grid(dim, how):
+    from scse_seg.config import build_config, parse_override
+    from scse_seg.predictor import LoadedModel
+
+    shape, axis = (32, 48, 36), 0  # stripes 2 voxels thick along x (sagittal)
+    affine = np.diag([1.0, 1.0, 0.5, 1.0]) if how == "target_spacing" else AFFINE
+    setting = "data.zoom=0.5" if how == "zoom" else "data.target_spacing=[2, 2, 1]"
+    cfg = build_config([], [parse_override(setting), parse_override(f"model.dim={dim}"),
+                            parse_override("data.axis=coronal")])
+    stripes = np.random.default_rng(dim).integers(0, 4, shape[axis] // 2).repeat(2)
+    label = np.broadcast_to(stripes[:, None, None], shape).copy()
+    loaded = LoadedModel(_Echo(), cfg, ["bg", "a", "b", "c"], [0, 1, 2, 3], torch.device("cpu"),
+                         None, "last.pt", {})
+    pred = loaded.predict_classes(label.astype(np.float32), affine=affine)
+    assert pred.shape == shape
+    np.testing.assert_array_equal(pred, label)
+    assert loaded.preprocessing()["resample"]["zoom"] == cfg.data.zoom
+
+
+def test_resampled_training_run_is_evaluated_at_full_resolution(tiny_phantom, tmp_path):
+    import nibabel as nib
+    from helpers import FAST, run_cli
+
+    from scse_seg.evaluation.runs import evaluate_run
+
+    run = tmp_path / "run"
+    r = run_cli(["--data", str(tiny_phantom), "--epochs", "1", "--out", str(run), "data.zoom=0.5",
+                 *FAST])
+    assert r.returncode == 0, r.stderr
+    res = evaluate_run(run, progress=False, save_dir=tmp_path / "pred")
+    (saved,) = (tmp_path / "pred").iterdir()
+    src = nib.load(tiny_phantom / "labelsTr" / saved.name)
+    out = nib.load(saved)
+    assert out.shape == src.shape == (32, 32, 32)
+    np.testing.assert_allclose(out.affine, src.affine)
+    ref_voxels = {row["structure"]: row["ref_voxels"] for row in res.rows}
+    truth = np.asarray(src.dataobj)
+    assert sum(ref_voxels.values()) == int((truth > 0).sum())  # scored against the original

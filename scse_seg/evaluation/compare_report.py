@@ -252,7 +252,7 @@ def _example_predictions(results, device=None):
         if vol is None:
             vol = run.load(run.val[0])
             axis = AXIS_INDEX[run.cfg.data.axis]
-        preds[arch][attn] = np.asarray(run.predict(vol.image))
+        preds[arch][attn] = np.asarray(run.predict(vol.image, affine=vol.affine))
     return vol, axis, dict(preds)
 
 

@@ -54,8 +54,9 @@ class _OpenRun:
 
         return D.load_case(next(c for c in self.dataset.cases if c.name == name), self.dataset)
 
-    def predict(self, image: np.ndarray, tta_flip: bool = False) -> np.ndarray:
-        return self.loaded.predict_classes(image, tta_flip)
+    def predict(self, image: np.ndarray, tta_flip: bool = False,
+                affine: np.ndarray | None = None) -> np.ndarray:
+        return self.loaded.predict_classes(image, tta_flip, affine)
 
 
 def _some(items, limit: int = 10) -> str:
@@ -150,7 +151,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
                      disable=not progress):
         vol = run.load(name)
         t0 = time.perf_counter()
-        pred = run.predict(vol.image, tta_flip)
+        pred = run.predict(vol.image, tta_flip, vol.affine)
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -119,19 +119,20 @@ def excite_plain(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], mode: st
 
 def reduce_plain(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], mode: str,
                  dims: tuple[int, ...], acc: torch.dtype):
-    """(d g_c (N, C), d g_s (N, *spatial)) in ``acc``; None for an absent gate."""
+    """(d g_c (N, C), d g_s (N, *spatial)) in ``acc``, None for an absent gate; and an auxiliary
+    map for the input-gradient step (the ops backend's routing signs; None here)."""
     e = (dy * x).to(acc)
     if mode == "scse_max":
         wa = _route(x, gc, gs)
         ec = e * wa
-        return ec.sum(dims), (e - ec).sum(1)
-    return (e.sum(dims) if _has_c(mode) else None), (e.sum(1) if _has_s(mode) else None)
+        return ec.sum(dims), (e - ec).sum(1), None
+    return (e.sum(dims) if _has_c(mode) else None), (e.sum(1) if _has_s(mode) else None), None
 
 
 def input_plain(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
                 dxc: Optional[Tensor], dlogit: Optional[Tensor], w: Optional[Tensor],
-                mode: str) -> Tensor:
-    """dx = dy * (routed gate) + dxc[n, c] + dlogit[n, p] * w[c]."""
+                mode: str, aux: Optional[Tensor] = None) -> Tensor:
+    """dx = dy * (routed gate) + dxc[n, c] + dlogit[n, p] * w[c]. (``aux``: unused here.)"""
     if mode == "cse":
         gate = gc
     elif mode == "sse":
@@ -178,21 +179,23 @@ def reduce_ops(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]
                dims: tuple[int, ...], acc: torch.dtype):
     e = torch.mul(dy, x, out=torch.empty_like(x))
     if mode == "scse_max":
-        ek = _sign_route(x, gc, gs).mul_(e)  # e * k
+        k = _sign_route(x, gc, gs)
         sc, ss = e.sum(dims, dtype=acc), e.sum(1, dtype=acc)
+        ek = e.mul_(k)
         kc, ks = ek.sum(dims, dtype=acc), ek.sum(1, dtype=acc)
-        return (sc + kc) * 0.5, (ss - ks) * 0.5
+        return (sc + kc) * 0.5, (ss - ks) * 0.5, k  # k: reused by input_ops
     return (e.sum(dims, dtype=acc) if _has_c(mode) else None,
-            e.sum(1, dtype=acc) if _has_s(mode) else None)
+            e.sum(1, dtype=acc) if _has_s(mode) else None, None)
 
 
 def input_ops(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
               dxc: Optional[Tensor], dlogit: Optional[Tensor], w: Optional[Tensor],
-              mode: str) -> Tensor:
+              mode: str, k: Optional[Tensor] = None) -> Tensor:
     dx = torch.empty_like(x)
     if mode == "scse_max":
-        # routed gate: (g_c + g_s)/2 + k (g_c - g_s)/2, written once into a map buffer
-        gate = _sign_route(x, gc, gs).mul_((gc - gs) * 0.5).add_((gc + gs) * 0.5)
+        # routed gate: (g_c + g_s)/2 + k (g_c - g_s)/2, written over k (from reduce_ops)
+        k = _sign_route(x, gc, gs) if k is None else k
+        gate = k.mul_((gc - gs) * 0.5).add_((gc + gs) * 0.5)
     elif mode == "scse_add":
         gate = gc + gs
     else:
@@ -314,7 +317,7 @@ class SEFunction(torch.autograd.Function):
         with _no_autocast(x):
             gcv = None if gc is None else _gate_view(gc, x, True)
             gsv = None if gs is None else _gate_view(gs, x, False)
-            dgc, dgs = reduce(dy, x, gcv, gsv, mode, dims, acc)
+            dgc, dgs, aux = reduce(dy, x, gcv, gsv, mode, dims, acc)
             if gc is not None:  # manual backward of sigmoid(fc2(relu(fc1(mean))))
                 a = torch.relu(h)
                 dz = dgc * gc * (1 - gc)
@@ -327,7 +330,7 @@ class SEFunction(torch.autograd.Function):
                 g[4], g[5] = spatial_dot(x, dl), dl.sum()
                 dlogit = _gate_view(dl, x, False)
                 w = sse_w.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
-            dx = grad_input(dy, x, gcv, gsv, dxc, dlogit, w, mode)
+            dx = grad_input(dy, x, gcv, gsv, dxc, dlogit, w, mode, aux)
         params = (fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b)
         grads = [None if gr is None or p is None else gr.reshape(p.shape).to(p.dtype)
                  for gr, p in zip(g, params)]

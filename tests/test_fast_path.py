@@ -121,7 +121,9 @@ def test_blocks_default_to_fast_path_and_switch_off(monkeypatch):
     assert "SEFunction" not in type(m(x).grad_fn).__name__  # plain eager formulas
 
 
-def test_autocast_bf16_on_cpu():
+@pytest.mark.parametrize("backend", ["ops", "compile"])
+def test_autocast_bf16_on_cpu(backend, monkeypatch):
+    monkeypatch.setenv("SCSE_SEG_FAST", backend)
     torch.manual_seed(0)
     m = ConcurrentSE(8, 2)
     ref = copy.deepcopy(m)
@@ -139,7 +141,9 @@ def test_autocast_bf16_on_cpu():
         assert ((a.double() - b.double()).abs().max() / scale).item() < 5e-2
 
 
-def test_deterministic_mode_bit_exact():
+@pytest.mark.parametrize("backend", ["ops", "compile"])
+def test_deterministic_mode_bit_exact(backend, monkeypatch):
+    monkeypatch.setenv("SCSE_SEG_FAST", backend)
     torch.manual_seed(0)
     m = ConcurrentSE(8, 3)
     x = torch.randn(2, 8, 4, 5, 6)
@@ -194,3 +198,19 @@ def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("SCSE_SEG_FAST", "numba")
     with pytest.raises(ValueError, match="SCSE_SEG_FAST"):
         fast_se.backend_name()
+
+
+def test_compile_failure_falls_back_to_ops_once(monkeypatch):
+    """No C++ compiler (or any inductor error): one warning, then the ops backend, same result."""
+    def broken(fn, key):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(fast_se, "_compiled", broken)
+    monkeypatch.setattr(fast_se, "_COMPILE_FAILED", [])
+    m = _block("scse_add", 5, 2)
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="using SCSE_SEG_FAST=ops instead") as rec:
+        y = fast_se.fast_se(x, m, "scse_add", backend="compile")
+        y.sum().backward()
+    assert len([w for w in rec if "SCSE_SEG_FAST" in str(w.message)]) == 1
+    assert torch.allclose(y, m(x))

@@ -314,6 +314,10 @@ class SEFunction(torch.autograd.Function):
         dims = tuple(range(2, x.dim()))
         g = [None] * 6  # fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b
         dxc = dlogit = w = None
+        if ctx.backend == "compile" and dy.stride() != x.stride():
+            # inductor lays dx out like its inputs: give dy x's memory format (one copy, only
+            # when the incoming gradient's layout differs from the map's)
+            dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
         with _no_autocast(x):
             gcv = None if gc is None else _gate_view(gc, x, True)
             gsv = None if gs is None else _gate_view(gs, x, False)

@@ -355,6 +355,24 @@ def test_blocks_stay_eager_on_cpu():
     assert m(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
 
 
+def test_self_check_trusts_a_correct_kernel(interpreter_results):
+    res = _result(interpreter_results, "selfcheck-good")
+    assert res["known"] is True and res["warnings"] == [] and res["err"] < 1e-5, res
+
+
+@pytest.mark.parametrize("case,problem", [("selfcheck-wrong", "max relative error 1.0e-02 > 1e-04"),
+                                          ("selfcheck-raising", "raised RuntimeError: triton")])
+def test_self_check_falls_back_and_warns_once(interpreter_results, case, problem):
+    """A wrong or failing kernel: one warning naming the measured error, then the block's output
+    comes from the PyTorch path (equal to the eager formulas), for every later call too."""
+    res = _result(interpreter_results, case)
+    assert res["known"] is False
+    assert len(res["warnings"]) == 1, res["warnings"]
+    assert problem in res["warnings"][0], res["warnings"][0]
+    assert "using the PyTorch path for the rest of this process" in res["warnings"][0]
+    assert res["err"] < 1e-5, "fell back to a path that matches the eager formulas"
+
+
 # ------------------------------------------------------------------------------------------
 # real GPU
 # ------------------------------------------------------------------------------------------
@@ -374,6 +392,7 @@ def test_gpu_block_uses_fused_and_matches_eager(mode, dim, dtype, channels_last)
         pytest.skip("compiled Triton kernels not available")
     torch.manual_seed(0)
     m = _block(mode, 48, dim).cuda()
+    m.fused = True  # the block (not its ConcurrentSE sub-blocks) takes the fused path
     shape = (3, 48, 33, 47) if dim == 2 else (2, 48, 9, 17, 13)
     x = torch.randn(shape, device="cuda").relu().to(dtype)
     if channels_last:
@@ -394,25 +413,11 @@ def test_gpu_block_uses_fused_and_matches_eager(mode, dim, dtype, channels_last)
     for a, b in zip([yf, *gf], [ye, *ge]):
         assert ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() < tol
     assert yf.stride() == x.stride()
+    from scse_seg.kernels import selfcheck
+
+    assert selfcheck.known(x, mode) is True, "the kernels passed their self-check and ran"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()
 
-
-def test_self_check_trusts_a_correct_kernel(interpreter_results):
-    res = _result(interpreter_results, "selfcheck-good")
-    assert res["known"] is True and res["warnings"] == [] and res["err"] < 1e-5, res
-
-
-@pytest.mark.parametrize("case,problem", [("selfcheck-wrong", "max relative error 1.0e-02 > 1e-04"),
-                                          ("selfcheck-raising", "raised RuntimeError: triton")])
-def test_self_check_falls_back_and_warns_once(interpreter_results, case, problem):
-    """A wrong or failing kernel: one warning naming the measured error, then the block's output
-    comes from the PyTorch path (equal to the eager formulas), for every later call too."""
-    res = _result(interpreter_results, case)
-    assert res["known"] is False
-    assert len(res["warnings"]) == 1, res["warnings"]
-    assert problem in res["warnings"][0], res["warnings"][0]
-    assert "using the PyTorch path for the rest of this process" in res["warnings"][0]
-    assert res["err"] < 1e-5, "fell back to a path that matches the eager formulas"

@@ -6,8 +6,11 @@
   the Triton interpreter, for tests), once they passed their self-check (:mod:`.selfcheck`);
 * otherwise the PyTorch fast path (:mod:`.fast_se`): one autograd Function saving only ``x`` and
   the gates;
-* ``None`` (the caller runs its eager formulas) under ``SCSE_SEG_FUSED=0``, and while
-  ``torch.compile`` / ``torch.export`` trace the model (the compiler fuses the plain formulas).
+* ``None`` (the caller runs its eager formulas) under ``SCSE_SEG_FUSED=0``, while
+  ``torch.compile`` / ``torch.export`` / ``torch.jit`` trace the model (the compiler fuses the
+  plain formulas; exporters see standard ops), and off the Triton path when no gradient is
+  wanted (inference: the fast path's gain is in what it saves for backward and in backward;
+  its compiled steps would cost a compilation per predict process).
 
 The Triton kernels:
 
@@ -133,6 +136,9 @@ def se(x: torch.Tensor, mode: str, params: dict) -> torch.Tensor | None:
                 return fn(x, mode, **params)
         elif selfcheck.trusted(fn, x, mode):
             return fn(x, mode, **params)
-    if compiling:
+    if compiling or torch.jit.is_tracing() or torch.jit.is_scripting():
         return None
+    if not (torch.is_grad_enabled()
+            and (x.requires_grad or any(p is not None and p.requires_grad for p in params.values()))):
+        return None  # inference: nothing is saved for backward; no compile for a predict call
     return fast_se.se_function(x, mode, **params)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .bench_models import ModelCase, build_model
-from .common import DTYPES, Setting, Workload, free_memory, measure
+from .common import DTYPES, Setting, Workload, free_memory, measure, saved_for_backward
 
 BLOCK_ARCHS = ("unet", "densenet", "sdnet")
 VARIANTS = ("none", "cse", "sse", "scse_max", "scse_add", "smp_scse")
@@ -32,6 +32,7 @@ COLUMNS = [
     ("fwd_floor_us", "fwd floor µs", 1), ("fwd_ratio", "fwd / floor", 1),
     ("fb_us_rep1", "fwd+bwd µs rep 1", 1), ("fb_us_rep2", "fwd+bwd µs rep 2", 1),
     ("fb_floor_us", "fwd+bwd floor µs", 1), ("fb_ratio", "fwd+bwd / floor", 1),
+    ("saved_MB", "saved for bwd MB", 2), ("saved_maps", "map-sized saved", 0),
     ("fused_rel_err", "fused vs eager rel. err", -1),
 ]
 
@@ -57,7 +58,26 @@ def attention_shapes(archs: Sequence[str], work: Workload, device: str = "cpu") 
                                                                   reverse=True)]
 
 
-def make_block(variant: str, channels: int, fused: bool = False) -> nn.Module:
+class FastPath(nn.Module):
+    """A block forced onto the PyTorch fast path (scse_seg.kernels.fast_se), on any device."""
+
+    def __init__(self, block: nn.Module, mode: str):
+        super().__init__()
+        self.block, self.mode = block, mode
+
+    def forward(self, x):
+        from scse_seg.kernels import fast_se
+
+        if torch.compiler.is_compiling():  # traced: the plain formulas, as the blocks do
+            return self.block(x)
+        return fast_se.fast_se(x, self.block, self.mode)
+
+
+def make_block(variant: str, channels: int, fused: bool = False, fast: bool = False) -> nn.Module:
+    """``fast``: our PyTorch fast path; ``fused``: the Triton kernels (CUDA); neither: the
+    blocks' plain eager formulas."""
+    if fast:
+        return FastPath(make_block(variant, channels), FUSED_MODES[variant])
     if variant == "smp_scse":
         from segmentation_models_pytorch.base.modules import SCSEModule
 
@@ -119,14 +139,23 @@ def fused_error(variant: str, shape, setting: Setting) -> float:
     return err
 
 
+def saved(block: nn.Module, shape, setting: Setting) -> tuple[float, int]:
+    """(MB saved for backward by one forward of ``block``, how many of them are map-sized)."""
+    x = _map(shape, setting).requires_grad_()
+    with setting.autocast():
+        total, sizes = saved_for_backward(lambda: block(x), exclude=list(block.parameters()))
+    map_bytes = x.numel() * x.element_size()
+    return total / 1e6, sum(1 for b in sizes if b >= map_bytes // 2)
+
+
 def _row(setting: Setting, shape, sites: Counter, variant: str, impl: str, t_fwd, t_fb,
-         bandwidth: float, err: str | None) -> dict:
+         bandwidth: float, err: str | None, saved_mb: float, saved_maps: int) -> dict:
     nbytes = torch.Size(shape).numel() * DTYPES[setting.dtype].itemsize
     has_floor = variant != "none"
     row = {**setting.columns(), "shape": "×".join(map(str, shape)),
            "sites": ", ".join(f"{a}×{n}" for a, n in sites.items()), "variant": variant,
            "impl": "smp" if variant == "smp_scse" else impl, "map_MB": nbytes / 1e6,
-           "fused_rel_err": err}
+           "fused_rel_err": err, "saved_MB": saved_mb, "saved_maps": saved_maps}
     for key, timing, passes in (("fwd", t_fwd, FWD_PASSES), ("fb", t_fb, FWD_PASSES + BWD_PASSES)):
         floor = passes * nbytes / bandwidth * 1e6
         row.update({f"{key}_us_rep1": 1e3 * timing.medians[0],
@@ -140,12 +169,17 @@ def run_blocks(settings: Sequence[Setting], work: Workload, archs=BLOCK_ARCHS, v
                bandwidth: float = 1.0, fused: bool = False, check_fused: bool = False,
                warmup: int = 5, iters: int = 20, log=print, on_row=None) -> list[dict]:
     """One row per (setting, shape, variant, impl) at ``work.batch`` x the shapes of ``archs``.
-    ``bandwidth`` in bytes/s sets the floor. ``fused``: also time the fused kernels (CUDA).
+    ``bandwidth`` in bytes/s sets the floor. Our blocks are timed as ``torch`` (eager formulas)
+    and ``fast`` (the PyTorch fast path). ``fused``: also time the fused kernels (CUDA).
     ``check_fused``: fill ``fused_rel_err`` (fused kernels vs eager). ``on_row(rows)``: called
     after each row."""
     shapes = attention_shapes(archs, work, device=settings[0].device)
-    cases = [(v, impl) for v in variants
-             for impl in (("torch", "fused") if fused and v in FUSED_MODES else ("torch",))]
+    def impls(v):
+        if v not in FUSED_MODES:
+            return ("torch",)
+        return ("torch", "fast", "fused") if fused else ("torch", "fast")
+
+    cases = [(v, impl) for v in variants for impl in impls(v)]
     rows = []
     for s in settings:
         for entry in shapes:
@@ -154,12 +188,15 @@ def run_blocks(settings: Sequence[Setting], work: Workload, archs=BLOCK_ARCHS, v
                 if variant == "smp_scse" and shape[1] < 16:
                     continue  # smp's reduction 16 needs at least 16 channels
                 torch.manual_seed(0)
-                block = make_block(variant, shape[1], fused=(impl == "fused"))
+                block = make_block(variant, shape[1], fused=(impl == "fused"),
+                                   fast=(impl == "fast"))
                 t_fwd, t_fb = time_block(block, shape, s, warmup, iters)
+                saved_mb, saved_maps = saved(block, shape, s)
                 err = None
                 if check_fused and impl == "torch" and variant in FUSED_MODES:
                     err = f"{fused_error(variant, shape, s):.1e}"
-                r = _row(s, shape, entry["sites"], variant, impl, t_fwd, t_fb, bandwidth, err)
+                r = _row(s, shape, entry["sites"], variant, impl, t_fwd, t_fb, bandwidth, err,
+                         saved_mb, saved_maps)
                 rows.append(r)
                 log(f"[blocks] {s.label} | {r['shape']} {variant} {r['impl']}: fwd "
                     f"{r['fwd_us']:.1f} µs, fwd+bwd {r['fb_us']:.1f} µs"

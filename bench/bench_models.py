@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import PeakMemory, Setting, Timing, Workload, free_memory, measure, synchronize
+from .common import (
+    PeakMemory,
+    Setting,
+    Timing,
+    Workload,
+    free_memory,
+    measure,
+    saved_for_backward,
+    synchronize,
+)
 
 ARCHS = ("unet", "densenet", "sdnet", "smp_unet")
 PAPER_ARCHS = ("unet", "densenet", "sdnet")
@@ -25,6 +34,7 @@ COLUMNS = [  # (key, header, digits; -1 = text, left-aligned)
     ("params_M", "params (M)", 3), ("ms_rep1", "ms/step rep 1", 1), ("ms_rep2", "ms/step rep 2", 1),
     ("ms", "ms/step (median)", 1), ("noise_pct", "rep spread %", 1),
     ("slices_per_s", "slices/s", 1), ("peak_MiB", "peak MiB", 0),
+    ("saved_MB", "saved for bwd MB", 1),
     ("overhead_pct", "overhead vs none %", 1),
 ]
 
@@ -33,16 +43,19 @@ COLUMNS = [  # (key, header, digits; -1 = text, left-aligned)
 class ModelCase:
     arch: str        # one of ARCHS, or ANCHOR
     attention: str   # one of ATTENTIONS (the anchor: none or scse)
-    impl: str        # our blocks: "torch" (eager formulas) or "fused" (Triton); anchor: "smp"
+    impl: str        # ours: "torch" (eager formulas), "fast" (PyTorch fast path), "fused"
+    #                  (Triton, CUDA); anchor: "smp"
 
 
 def model_cases(archs: Sequence[str] = ARCHS, attentions: Sequence[str] = ATTENTIONS,
-                fused: bool = False, anchor: bool = True) -> list[ModelCase]:
-    """The rows of the table. ``fused``: every attention row twice, eager and fused kernels."""
+                fused: bool = False, anchor: bool = True, fast: bool = True) -> list[ModelCase]:
+    """The rows of the table: every attention row with the eager formulas (``torch``), and
+    ``fast`` the PyTorch fast path / ``fused`` the Triton kernels beside it."""
     cases = []
+    extra = (("fast",) if fast else ()) + (("fused",) if fused else ())
     for arch in archs:
         for att in attentions:
-            impls = ("torch", "fused") if fused and att != "none" else ("torch",)
+            impls = ("torch", *extra) if att != "none" else ("torch",)
             cases += [ModelCase(arch, att, impl) for impl in impls]
     if anchor:
         cases += [ModelCase(ANCHOR, "none", "smp"), ModelCase(ANCHOR, "scse", "smp")]
@@ -69,7 +82,7 @@ def build_model(case: ModelCase, work: Workload) -> nn.Module:
                                                                "encoder_weights": None}
     model = create_model(case.arch, work.in_channels, work.classes, attention=case.attention,
                          dim=2, **kw)
-    set_fused(model, case.impl == "fused")
+    set_fused(model, case.impl in ("fused", "fast"))
     return model
 
 
@@ -96,6 +109,13 @@ class StepRun:
         self.resident_bytes = (sum(p.numel() * p.element_size() for p in self.model.parameters())
                                + sum(t.numel() * t.element_size() for t in (self.x, self.y)))
 
+    def saved_mb(self) -> float:
+        """MB autograd saves for backward in one forward (activations; parameters left out)."""
+        def fwd():
+            with self.setting.autocast():
+                return self.runner(self.x)
+        return saved_for_backward(fwd, exclude=list(self.model.parameters()))[0] / 1e6
+
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
         with self.setting.autocast():
@@ -117,25 +137,28 @@ def bench_group(cases: Sequence[ModelCase], setting: Setting, work: Workload, wa
     runs = [StepRun(case, setting, work) for case in cases]
     mem_mib = []
     for run in runs:
+        run.step()  # first step outside the memory window: one-off costs (the fast path's
+        #             torch.compile of its steps) are not activation memory
         with PeakMemory(device) as mem:
             for _ in range(max(1, warmup)):
                 run.step()
             synchronize(device)
         mem_mib.append(None if mem.mib is None else mem.mib + run.resident_bytes / 2 ** 20)
+    saved = [None if setting.compile else run.saved_mb() for run in runs]
     reps: list[list[list[float]]] = [[] for _ in runs]
     forward = list(range(len(runs)))
     for order in (forward, forward[::-1]):  # ABCD then DCBA: a linear drift cancels out
         for i in order:
             reps[i] += measure(runs[i].step, device, 0, iters, reps=1).reps
     rows = []
-    for run, rep, mib in zip(runs, reps, mem_mib):
+    for run, rep, mib, sv in zip(runs, reps, mem_mib, saved):
         t = Timing(rep)
         rows.append({
             **setting.columns(), "arch": arch_label(run.case.arch, work),
             "attention": run.case.attention, "impl": run.case.impl, "params_M": run.params / 1e6,
             "ms_rep1": t.medians[0], "ms_rep2": t.medians[1], "ms": t.median,
             "noise_pct": 100 * t.noise, "slices_per_s": work.batch / (t.median * 1e-3),
-            "peak_MiB": mib, "overhead_pct": None, "batch": work.batch, "size": work.size,
+            "peak_MiB": mib, "saved_MB": sv, "overhead_pct": None, "batch": work.batch, "size": work.size,
             "classes": work.classes})
     return rows
 

@@ -116,6 +116,27 @@ def measure(fn: Callable[[], object], device: str, warmup: int, iters: int, reps
     return Timing(out)
 
 
+def saved_for_backward(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()
+                       ) -> tuple[int, list[int]]:
+    """(total bytes, bytes per storage, largest first) of the tensors autograd saves for
+    backward while ``fn()`` runs, counted exactly with ``saved_tensors_hooks``; each storage
+    counted once (a tensor saved by two nodes, or a view, is one allocation); ``exclude`` (the
+    parameters, resident anyway) left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()), sorted(seen.values(), reverse=True)
+
+
 def free_memory(device: str) -> None:
     """CUDA: collect garbage and return cached blocks, so a peak counts one row alone. CPU: rely
     on reference counting (a full ``gc.collect`` costs ~0.2 s with torch and smp loaded)."""

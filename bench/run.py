@@ -138,8 +138,12 @@ def header(args, argv, bandwidth=None) -> str:
     elif args.fused:
         fused = "Triton interpreter on CPU: checked against the eager formulas, not timed"
     else:
-        fused = "off: impl 'torch', every block runs its eager formulas" + ("" if cuda else " (CPU)")
+        fused = "off" + ("" if cuda else " (CPU)")
     lines.append("Fused SE kernels: " + fused)
+    from scse_seg.kernels import fast_se
+
+    lines.append("Impl: 'torch' = the blocks' plain eager formulas (`fused=False`); 'fast' = the "
+                 f"PyTorch fast path (`SCSE_SEG_FAST={fast_se.backend_name()}`); 'smp' = smp's own")
     return "\n".join(f"- {line}" for line in lines)
 
 

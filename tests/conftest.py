@@ -5,6 +5,10 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The SE blocks' fast path defaults to inductor-compiled steps, which cost a compilation per
+# (mode, dims, dtype, layout) in every process; the suite (and the CLIs it spawns) uses the
+# hand-written torch-ops backend instead, and tests/test_fast_path.py checks both backends.
+os.environ.setdefault("SCSE_SEG_FAST", "ops")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

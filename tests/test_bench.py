@@ -40,7 +40,10 @@ def report(tmp_path_factory):
 def test_models_table_has_every_row_and_column(report):
     out, result = report
     rows = _csv(out / "models.csv")
-    assert len(rows) == len(result["models"]) == 4 * 4 + 2
+    # every attention row as 'torch' (eager formulas) and 'fast' (the PyTorch fast path)
+    assert len(rows) == len(result["models"]) == 4 * (1 + 3 * 2) + 2
+    assert {r["impl"] for r in rows if r["attention"] != "none" and "smp." not in r["arch"]} == {
+        "torch", "fast"}
     got = {(r["arch"].split()[0], r["attention"]) for r in rows}
     assert got == {(a, att) for a in ("unet", "densenet", "sdnet", "smp_unet")
                    for att in bench_models.ATTENTIONS} | {("smp.Unet(efficientnet-b0)", "none"),
@@ -52,6 +55,10 @@ def test_models_table_has_every_row_and_column(report):
         assert r["overhead_pct"] is not None
         if r["attention"] == "none":
             assert r["overhead_pct"] == 0
+        assert r["saved_MB"] > 0
+    saved = {(r["arch"], r["attention"], r["impl"]): r["saved_MB"] for r in result["models"]}
+    for arch in ("unet", "densenet", "sdnet"):  # byte counts, exact: the fast path keeps less
+        assert saved[(arch, "scse", "fast")] < saved[(arch, "scse", "torch")]
     text = (out / "report.md").read_text()
     assert "## Training step" in text and "## SE blocks" in text
     for _, header, _ in bench_models.COLUMNS + bench_blocks.COLUMNS:
@@ -65,11 +72,16 @@ def test_blocks_table_covers_every_shape_and_variant(report):
     # unet: 16..256 channels over 5 levels; densenet/sdnet: 16 channels at every level
     assert {s["chw"] for s in shapes} == {(16 * 2 ** i, 32 >> i, 32 >> i) for i in range(5)} | {
         (16, 32 >> i, 32 >> i) for i in range(5)}
-    assert len(rows) == len(shapes) * len(bench_blocks.VARIANTS)
+    fast_rows = len(bench_blocks.FUSED_MODES)  # our blocks also as impl 'fast'
+    assert len(rows) == len(shapes) * (len(bench_blocks.VARIANTS) + fast_rows)
     for r in result["blocks"]:
         has_floor = r["variant"] != "none"
         assert (r["fb_ratio"] is not None) == has_floor
         assert r["fwd_us"] > 0 and r["fb_us"] > 0
+        if r["impl"] == "fast":  # exact byte counts: x is the only map-sized tensor saved
+            assert r["saved_maps"] == 1, r
+        if r["variant"] == "scse_max" and r["impl"] == "torch":
+            assert r["saved_maps"] >= 3, r
 
 
 def test_settings_grid_and_bad_input():
@@ -91,4 +103,6 @@ def test_fused_check_under_triton_interpreter(tmp_path):
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _csv(tmp_path / "blocks.csv")
-    assert len(rows) == 5 and all(float(r["fused_rel_err"]) < 1e-5 for r in rows)
+    checked = [r for r in rows if r["impl"] == "torch"]
+    assert len(rows) == 10 and len(checked) == 5
+    assert all(float(r["fused_rel_err"]) < 1e-5 for r in checked)

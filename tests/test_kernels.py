@@ -36,11 +36,11 @@ TOL = 1e-6
 def _block(mode: str, channels: int, dim: int):
     from scse_seg.blocks import ChannelSE, ConcurrentSE, SpatialSE
 
-    if mode == "cse":
-        return ChannelSE(channels, dim)
+    if mode == "cse":  # fused=False: the blocks' plain eager formulas, the reference
+        return ChannelSE(channels, dim, fused=False)
     if mode == "sse":
-        return SpatialSE(channels, dim)
-    return ConcurrentSE(channels, dim, fusion=mode.split("_")[1])
+        return SpatialSE(channels, dim, fused=False)
+    return ConcurrentSE(channels, dim, fusion=mode.split("_")[1], fused=False)
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -71,7 +71,7 @@ def _compare(mode, shape, layout, dy_layout=None, dtype=torch.float64, force_spl
     params = list(m.parameters())
     yf = kernels.fused_se(xf, m, mode)
     gf = torch.autograd.grad(yf, [xf, *params], dy)
-    ye = m(xe)  # CPU tensor: the block takes its eager path
+    ye = m(xe)  # fused=False: the block's eager formulas
     ge = torch.autograd.grad(ye, [xe, *params], dy)
     err = max([(yf - ye).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(gf, ge)])
     return {"err": err, "same_strides": yf.stride() == x.stride() and gf[0].stride() == x.stride(),
@@ -170,6 +170,46 @@ def _opcheck():
     return {"failed": bad}
 
 
+def _self_check(kernel: str):
+    """A block routed to the Triton kernels (CPU tensors, interpreter) with a correct, a wrong
+    (output off by 1%) or a raising kernel injected: the self-check's verdict, its warnings, and
+    the block's output against its eager formulas."""
+    import warnings
+
+    from scse_seg import kernels
+    from scse_seg.blocks import ConcurrentSE
+    from scse_seg.kernels import ops, selfcheck
+
+    def wrong(x, mode, **p):
+        return ops.fused_se_function(x, mode, **p) * 1.01
+
+    def raising(x, mode, **p):
+        raise RuntimeError("triton: out of resources")
+
+    selfcheck.reset()
+    kernels.TRITON_ON_CPU = True
+    kernels.TRITON_FN = {"good": None, "wrong": wrong, "raising": raising}[kernel]
+    try:
+        torch.manual_seed(0)
+        m = ConcurrentSE(8, 2)
+        ref = ConcurrentSE(8, 2, fused=False)
+        ref.load_state_dict(m.state_dict())
+        x = torch.randn(2, 8, 6, 6)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = time.perf_counter()
+            y1 = m(x)
+            first = time.perf_counter() - t
+            y2 = m(x)
+        texts = [str(w.message) for w in caught if "self-check" in str(w.message)]
+        err = max((y1 - ref(x)).abs().max().item(), (y2 - ref(x)).abs().max().item())
+        return {"known": selfcheck.known(x, "scse_max"), "warnings": texts, "err": err,
+                "first_call_s": first}
+    finally:
+        kernels.TRITON_ON_CPU, kernels.TRITON_FN = False, None
+        selfcheck.reset()
+
+
 def worker_cases():
     """(case id, thunk) for every check run in the interpreter process."""
     cases = []
@@ -195,6 +235,9 @@ def worker_cases():
         ("compile-aot_eager-max", lambda: _compare_compiled("max", "aot_eager")),
         ("compile-aot_eager-add", lambda: _compare_compiled("add", "aot_eager")),
         ("opcheck", _opcheck),
+        ("selfcheck-good", lambda: _self_check("good")),
+        ("selfcheck-wrong", lambda: _self_check("wrong")),
+        ("selfcheck-raising", lambda: _self_check("raising")),
     ]
     if os.environ.get("SCSE_TEST_INDUCTOR") == "1":
         cases.append(("compile-inductor-max", lambda: _compare_compiled("max", "inductor")))
@@ -312,6 +355,24 @@ def test_blocks_stay_eager_on_cpu():
     assert m(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
 
 
+def test_self_check_trusts_a_correct_kernel(interpreter_results):
+    res = _result(interpreter_results, "selfcheck-good")
+    assert res["known"] is True and res["warnings"] == [] and res["err"] < 1e-5, res
+
+
+@pytest.mark.parametrize("case,problem", [("selfcheck-wrong", "max relative error 1.0e-02 > 1e-04"),
+                                          ("selfcheck-raising", "raised RuntimeError: triton")])
+def test_self_check_falls_back_and_warns_once(interpreter_results, case, problem):
+    """A wrong or failing kernel: one warning naming the measured error, then the block's output
+    comes from the PyTorch path (equal to the eager formulas), for every later call too."""
+    res = _result(interpreter_results, case)
+    assert res["known"] is False
+    assert len(res["warnings"]) == 1, res["warnings"]
+    assert problem in res["warnings"][0], res["warnings"][0]
+    assert "using the PyTorch path for the rest of this process" in res["warnings"][0]
+    assert res["err"] < 1e-5, "fell back to a path that matches the eager formulas"
+
+
 # ------------------------------------------------------------------------------------------
 # real GPU
 # ------------------------------------------------------------------------------------------
@@ -331,6 +392,7 @@ def test_gpu_block_uses_fused_and_matches_eager(mode, dim, dtype, channels_last)
         pytest.skip("compiled Triton kernels not available")
     torch.manual_seed(0)
     m = _block(mode, 48, dim).cuda()
+    m.fused = True  # the block (not its ConcurrentSE sub-blocks) takes the fused path
     shape = (3, 48, 33, 47) if dim == 2 else (2, 48, 9, 17, 13)
     x = torch.randn(shape, device="cuda").relu().to(dtype)
     if channels_last:
@@ -351,7 +413,11 @@ def test_gpu_block_uses_fused_and_matches_eager(mode, dim, dtype, channels_last)
     for a, b in zip([yf, *gf], [ye, *ge]):
         assert ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() < tol
     assert yf.stride() == x.stride()
+    from scse_seg.kernels import selfcheck
+
+    assert selfcheck.known(x, mode) is True, "the kernels passed their self-check and ran"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()
+

@@ -5,8 +5,11 @@
 * scSE: both recalibrations concurrently, combined by element-wise ``max`` (journal version and the
   authors' code) or by ``add`` (MICCAI version, smp's ``SCSEModule``).
 
-Each block works for 2D and 3D maps. On CUDA the fused Triton kernels in :mod:`scse_seg.kernels`
-are used when available; on CPU (and when ``fused=False``) the eager formulas below run.
+Each block works for 2D and 3D maps. With ``fused=True`` (default) a block runs the fastest
+trusted implementation in :mod:`scse_seg.kernels`: the fused Triton kernels on CUDA (after a
+one-off self-check), elsewhere a PyTorch autograd Function that keeps only the input and the gates
+for backward. ``fused=False``, ``SCSE_SEG_FUSED=0``, and tracing by ``torch.compile`` /
+``torch.export`` run the plain eager formulas below (the reference).
 """
 from __future__ import annotations
 
@@ -23,12 +26,14 @@ def _hidden(channels: int, reduction: float) -> int:
     return max(1, int(channels // reduction))
 
 
-def _use_fused(module: nn.Module, x: torch.Tensor) -> bool:
-    if not (module.fused and x.is_cuda):
-        return False
+def _fast(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """The block on its fast path (see :func:`scse_seg.kernels.se`); None: use the formulas."""
+    if not module.fused:
+        return None
     from scse_seg import kernels
+    from scse_seg.kernels import fast_se
 
-    return kernels.available()
+    return kernels.se(x, mode, fast_se.module_params(module, mode))
 
 
 @register_attention("none")
@@ -71,10 +76,9 @@ class ChannelSE(nn.Module):
         self.excite = _ChannelExcitation(channels, reduction, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_fused(self, x):
-            from scse_seg import kernels
-
-            return kernels.fused_se(x, self, mode="cse")
+        out = _fast(self, x, "cse")
+        if out is not None:
+            return out
         gate = self.excite(x)
         return x * gate.view(*gate.shape, *([1] * self.dim))
 
@@ -94,10 +98,9 @@ class SpatialSE(nn.Module):
         return torch.sigmoid(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_fused(self, x):
-            from scse_seg import kernels
-
-            return kernels.fused_se(x, self, mode="sse")
+        out = _fast(self, x, "sse")
+        if out is not None:
+            return out
         return x * self.gate(x)
 
 
@@ -124,10 +127,9 @@ class ConcurrentSE(nn.Module):
         self.sse = SpatialSE(channels, dim, fused=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_fused(self, x):
-            from scse_seg import kernels
-
-            return kernels.fused_se(x, self, mode=f"scse_{self.fusion}")
+        out = _fast(self, x, f"scse_{self.fusion}")
+        if out is not None:
+            return out
         g_c = self.cse.excite(x)
         g_c = g_c.view(*g_c.shape, *([1] * self.dim))
         g_s = self.sse.gate(x)

@@ -12,6 +12,7 @@ from .errors import UserError
 EPILOG = """examples:
   python train_seg.py --attn scse                       # built-in phantom, U-Net + scSE
   python train_seg.py --arch densenet --attn cse --data ../shared/data/Task04_Hippocampus
+  python train_seg.py --arch unet --block sk --attn scse   # selective-kernel blocks + scSE
   python train_seg.py --config configs/hippocampus.yaml train.lr=3e-4 model.width=32
   python train_seg.py --resume runs/default-unet-scse-s0 --epochs 20
   torchrun --nproc_per_node=2 train_seg.py --config configs/lpba40.yaml
@@ -21,7 +22,7 @@ for every key. Errors in input files or settings print one line and exit with st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .blocks import attention_names
+    from .blocks import attention_names, block_names
     from .models import model_names
 
     p = argparse.ArgumentParser(
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=model_names(), help="architecture (model.arch)")
     p.add_argument("--attn", "--attention", dest="attn", choices=attention_names(),
                    help="attention after every encoder/decoder block (model.attention)")
+    p.add_argument("--block", choices=block_names(),
+                   help="conv block of every stage, e.g. sk; cmpe_se* attentions need residual "
+                        "(model.block; unet and sdnet; default: the architecture's own)")
     p.add_argument("--data", metavar="PATH",
                    help="dataset folder in MSD/nnU-Net layout (imagesTr/, labelsTr/, "
                         "dataset.json); default: the built-in synthetic phantom (data.path)")
@@ -56,7 +60,8 @@ def config_from_args(args):
     files = list(args.config)
     overrides = []  # flags first, then key=value (the most specific) last
     flags = {}
-    for flag, key in (("arch", "model.arch"), ("attn", "model.attention"), ("data", "data.path"),
+    for flag, key in (("arch", "model.arch"), ("attn", "model.attention"), ("block", "model.block"),
+                      ("data", "data.path"),
                       ("epochs", "train.epochs"), ("dim", "model.dim"), ("seed", "seed"),
                       ("device", "train.device"), ("out", "out")):
         value = getattr(args, flag)

@@ -72,6 +72,7 @@ class ModelConfig:
     placement: str = "all"  # all | encoder | decoder: which blocks get attention (ablations)
     dropout: float | None = None  # None -> the architecture's default
     encoder_name: str = "resnet34"  # smp_unet only
+    block: str | None = None  # conv block of every stage (unet, sdnet); None -> the arch's own
 
     def validate(self):
         from .blocks import attention_names
@@ -92,6 +93,20 @@ class ModelConfig:
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
         _check(not (self.arch == "smp_unet" and self.dim == 3), "model.dim",
                "smp_unet is 2D only; use unet, densenet or sdnet for dim: 3")
+        self._validate_block()
+
+    def _validate_block(self):
+        from .blocks import block_names, check_block_attention
+        from .models import block_archs
+
+        if self.block is not None:
+            _check(self.block in block_names(), "model.block",
+                   f"unknown block {self.block!r}; valid: {', '.join(block_names())}")
+            _check(self.arch in block_archs(), "model.block",
+                   f"architecture {self.arch!r} has a fixed block; model.block works with "
+                   f"{', '.join(block_archs())}")
+        error = check_block_attention(self.block, self.attention)
+        _check(error is None, "model.attention", f"{error}; set model.block (--block)")
 
     def size_multiple(self) -> int:
         """The multiple every input size of this model must be (its ``size_multiple``: 16 for
@@ -110,6 +125,8 @@ class ModelConfig:
             kw["placement"] = self.placement
         if self.dropout is not None:
             kw["dropout"] = self.dropout
+        if self.block is not None:
+            kw["block"] = self.block
         if self.arch == "smp_unet":
             kw = dict(encoder_name=self.encoder_name, reduction=self.reduction, fusion=self.fusion)
         return create_model(self.arch, in_channels, num_classes, self.attention, self.dim, **kw)
@@ -191,7 +208,9 @@ class Config:
     def run_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        return Path("runs") / f"{self.experiment}-{self.model.arch}-{self.model.attention}-s{self.seed}"
+        block = f"-{self.model.block}" if self.model.block else ""
+        return Path("runs") / (f"{self.experiment}-{self.model.arch}{block}-{self.model.attention}"
+                               f"-s{self.seed}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -366,3 +366,34 @@ def test_parameter_counts_at_64():
     assert count_parameters(SplitAttentionConv(64, 64)) == splat
     assert math.isclose(count_parameters(create_block("double_conv", 64, 64)),
                         2 * (9 * 64 * 64 + 2 * 64))
+
+
+# ---------------------------------------------------------------- bench/bench_family.py
+
+def test_bench_family_smoke_and_saved_bytes():
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    from bench import bench_family
+
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    one_map = x.numel() * 4
+    assert bench_family.saved_bytes(torch.nn.Sigmoid(), x) == one_map  # keeps its output
+    assert bench_family.saved_bytes(torch.nn.Sequential(torch.nn.Sigmoid(), torch.nn.Sigmoid()),
+                                    x) == 2 * one_map
+    assert bench_family.saved_bytes(torch.nn.Conv2d(3, 3, 1), x) == 0  # input and weight only
+    threads = torch.get_num_threads()
+    try:
+        result = bench_family.main(["--size", "32", "--width", "4", "--max-channels", "8",
+                                    "--warmup", "0", "--iters", "1", "--threads", "1"],
+                                   log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    rows = result["rows"]
+    shapes = {r["shape"] for r in rows}
+    assert len(rows) == len(shapes) * len(bench_family.ATTENTIONS + bench_family.STAGES)
+    assert all(r["saved_MB"] > 0 and r["fb_ms"] > 0 for r in rows)
+    assert all(r["fb_vs_ref"] == 1.0 for r in rows if r["variant"] in ("cse", "double_conv+scse"))
+    assert "## stages" in result["report"] and "residual+cmpe_se3" in result["report"]

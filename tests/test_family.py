@@ -344,7 +344,7 @@ def test_grid_blocks_variants_and_labels(tmp_path):
                                ("splat", "none"), ("splat", "scse")]
     assert [spec.variant_label(b, a) for b, a in spec.variants()] == [
         "none", "scse", "residual+cmpe_se1", "sk+none", "splat+none", "splat+scse"]
-    assert spec.config("unet", "cmpe_se1", 0, "residual").model.block == "residual"
+    assert spec.config("unet", "cmpe_se1", 0, block="residual").model.block == "residual"
     assert GridSpec.from_args(args()).variants() == [(None, "none"), (None, "scse")]
     with pytest.raises(ConfigError, match="first entry"):
         GridSpec.from_args(args(blocks="sk+none,double_conv"))

@@ -1,5 +1,6 @@
-"""The SE family's successors (issue 14) side by side with cSE / scSE: forward+backward time and
-the bytes autograd saves for the backward, at the attention shapes of the bench's networks.
+"""The SE family's successors (issue 14) side by side with cSE / scSE (ratios to scSE):
+forward+backward time and the bytes autograd saves for the backward, at the attention shapes of
+the bench's networks.
 
     python bench/run.py family --device cpu --out bench/results/cpu
 
@@ -85,7 +86,7 @@ def run_family(shapes: Sequence[tuple], device: str = "cpu", variants=ATTENTIONS
                        params=sum(p.numel() for p in m.parameters()),
                        fb_ms=t.median, fb_ms_rep1=t.medians[0], fb_ms_rep2=t.medians[1],
                        saved_MB=saved / 1e6, saved_maps=saved / (x.numel() * x.element_size()))
-            if variant in ("cse", "double_conv+scse"):
+            if variant in ("scse", "double_conv+scse"):
                 ref[kind] = row
             rows.append(row)
             log(f"[family] {row['shape']} {variant}: fwd+bwd {t.median:.2f} ms, "
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
     save = (lambda rows: write_csv(rows, args.out / "family.csv")) if args.out else None
     rows = run_family(shapes, args.device, args.variants, args.warmup, args.iters, log, save)
     env = environment(args.device)
-    ref_note = ("time / saved vs ref: relative to `cse` (attentions) and to `double_conv+scse` "
+    ref_note = ("time / saved vs ref: relative to `scse` (attentions) and to `double_conv+scse` "
                 "(stages: today's U-Net stage with scSE) at the same shape.")
     report = (
         "# SE family: blocks side by side (issue 14)\n\n"

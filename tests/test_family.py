@@ -395,5 +395,5 @@ def test_bench_family_smoke_and_saved_bytes():
     shapes = {r["shape"] for r in rows}
     assert len(rows) == len(shapes) * len(bench_family.ATTENTIONS + bench_family.STAGES)
     assert all(r["saved_MB"] > 0 and r["fb_ms"] > 0 for r in rows)
-    assert all(r["fb_vs_ref"] == 1.0 for r in rows if r["variant"] in ("cse", "double_conv+scse"))
+    assert all(r["fb_vs_ref"] == 1.0 for r in rows if r["variant"] in ("scse", "double_conv+scse"))
     assert "## stages" in result["report"] and "residual+cmpe_se3" in result["report"]

@@ -4,6 +4,7 @@
         --out bench/results/gpu
     python bench/run.py models --device cpu --out bench/results/cpu
     python bench/run.py blocks --device cuda --dtype bf16
+    python bench/run.py family --device cpu --out bench/results/cpu   # issue 14's blocks
 
 Writes ``report.md`` (settings, environment and the tables) and ``models.csv`` / ``blocks.csv``
 into ``--out``; the report is printed as well. See bench/README.md.
@@ -149,6 +150,10 @@ def header(args, argv, bandwidth=None) -> str:
 
 def main(argv: list[str] | None = None, log=print) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["family"]:  # the SE family's successors: own options, see bench_family
+        from bench import bench_family
+
+        return bench_family.main(argv[1:], log=log)
     args = resolve(parser().parse_args(argv))
     grid = settings(args)
     cuda = torch.device(args.device).type == "cuda"

@@ -27,10 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE",
                    help="YAML: a training config (may use base:) plus a 'compare:' section with "
-                        "archs, attns, seeds, out, surface, tta")
+                        "archs, attns, blocks, seeds, out, surface, tta")
     p.add_argument("--data", metavar="PATH", help="MSD-layout dataset (default: the built-in phantom)")
     p.add_argument("--archs", help="comma-separated architectures (default unet)")
     p.add_argument("--attns", help="comma-separated attentions (default none,cse,sse,scse)")
+    p.add_argument("--blocks",
+                   help="comma-separated conv blocks crossed with --attns (unet, sdnet); "
+                        "'block+attn' pins one attention, e.g. double_conv,residual+cmpe_se1,"
+                        "sk+none; the first is the baseline's block (default: each arch's own)")
     p.add_argument("--seeds", type=int, help="number of seeds per variant (default 1)")
     p.add_argument("--folds", type=int, metavar="K",
                    help="K-fold cross-validation over subjects: every variant is trained on every "

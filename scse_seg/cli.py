@@ -12,6 +12,7 @@ from .errors import UserError
 EPILOG = """examples:
   python train_seg.py --attn scse                       # built-in phantom, U-Net + scSE
   python train_seg.py --arch densenet --attn cse --data ../shared/data/Task04_Hippocampus
+  python train_seg.py --arch unet --block sk --attn scse   # selective-kernel blocks + scSE
   python train_seg.py --config configs/hippocampus.yaml train.lr=3e-4 model.width=32
   python train_seg.py --resume runs/phantom-unet-scse-2d-w16-s0 --epochs 20
   torchrun --nproc_per_node=2 train_seg.py --config configs/lpba40.yaml
@@ -23,7 +24,7 @@ from the current folder. Errors in input files or settings print one line and ex
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .blocks import attention_names
+    from .blocks import attention_names, block_names
     from .models import model_names
 
     p = argparse.ArgumentParser(
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", "--attention", dest="attn",
                    help=f"attention after every encoder/decoder block: "
                         f"{', '.join(attention_names())} (model.attention)")
+    p.add_argument("--block",
+                   help=f"conv block of every stage: {', '.join(block_names())}; cmpe_se* "
+                        "attentions need residual (model.block; unet and sdnet; default: the "
+                        "architecture's own)")
     p.add_argument("--data", metavar="PATH",
                    help="dataset folder in MSD/nnU-Net layout (imagesTr/, labelsTr/, "
                         "dataset.json); default: the built-in synthetic phantom (data.path)")
@@ -63,17 +68,19 @@ def _check_name(flag: str, value: str | None, valid: list[str], what: str) -> No
 
 
 def config_from_args(args):
-    from .blocks import attention_names
+    from .blocks import attention_names, block_names
     from .config import build_config, parse_override
     from .models import model_names
 
     _check_name("--arch", args.arch, model_names(), "architecture")
     _check_name("--attn", args.attn, attention_names(), "attention")
+    _check_name("--block", args.block, block_names(), "block")
     files = list(args.config)
     saved = None
     overrides = []  # flags first, then key=value (the most specific) last
     flags = {}
-    for flag, key in (("arch", "model.arch"), ("attn", "model.attention"), ("data", "data.path"),
+    for flag, key in (("arch", "model.arch"), ("attn", "model.attention"), ("block", "model.block"),
+                      ("data", "data.path"),
                       ("epochs", "train.epochs"), ("dim", "model.dim"), ("seed", "seed"),
                       ("device", "train.device"), ("out", "out")):
         value = getattr(args, flag)

@@ -82,6 +82,7 @@ class ModelConfig:
     placement: str = "all"  # all | encoder | decoder: which blocks get attention (ablations)
     dropout: float | None = None  # None -> the architecture's default
     encoder_name: str = "resnet34"  # smp_unet and smp:* archs only
+    block: str | None = None  # conv block of every stage (unet, sdnet); None -> the arch's own
 
     def validate(self):
         from .blocks import attention_names
@@ -105,6 +106,21 @@ class ModelConfig:
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
         _check(not (self.arch.startswith("smp") and self.dim == 3), "model.dim",
                f"{self.arch} is 2D only; use unet, densenet, sdnet or a monai:* arch for dim: 3")
+        self._validate_block()
+
+    def _validate_block(self):
+        from .blocks import block_names, check_block_attention
+        from .models import block_archs
+
+        if self.block is not None:
+            self.block = str(self.block).lower()
+            _check(self.block in block_names(), "model.block",
+                   f"unknown block {self.block!r}; valid: {', '.join(block_names())}")
+            _check(self.arch in block_archs(), "model.block",
+                   f"architecture {self.arch!r} has a fixed block; model.block works with "
+                   f"{', '.join(block_archs())}")
+        error = check_block_attention(self.block, self.attention)
+        _check(error is None, "model.attention", f"{error}; set model.block (--block)")
 
     def size_multiple(self) -> int:
         """The multiple every input size of this model must be (its ``size_multiple``: 16 for
@@ -123,6 +139,8 @@ class ModelConfig:
             kw["placement"] = self.placement
         if self.dropout is not None:
             kw["dropout"] = self.dropout
+        if self.block is not None:
+            kw["block"] = self.block
         if self.arch.startswith("smp"):  # smp_unet and the smp:* networks (models/plugged.py)
             kw = dict(encoder_name=self.encoder_name, reduction=self.reduction, fusion=self.fusion,
                       **({"placement": self.placement} if self.placement != "all" else {}))
@@ -219,7 +237,9 @@ class Config:
         prefix = "" if self.experiment == "default" else f"{self.experiment}-"
         attn = m.attention if m.placement == "all" else f"{m.attention}@{m.placement}"
         fold = "" if self.data.folds is None else f"-fold{self.data.fold}of{self.data.folds}"
-        return Path("runs") / f"{prefix}{data}-{m.arch}-{attn}-{m.dim}d-w{m.width}-s{self.seed}{fold}"
+        block = f"-{m.block}" if m.block else ""
+        return Path("runs") / (f"{prefix}{data}-{m.arch}{block}-{attn}-{m.dim}d-w{m.width}"
+                               f"-s{self.seed}{fold}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

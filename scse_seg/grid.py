@@ -2,6 +2,11 @@
 K-fold cross-validation, x the values of swept config keys), identical split and schedule for
 every variant, every run evaluated on its held-out volumes, one report.
 
+``blocks`` (optional) crosses conv blocks with the attentions: a plain entry (``sk``) is run with
+every attention, an entry ``block+attention`` (``residual+cmpe_se1``, ``sk+none``) only with that
+attention. The first entry must be plain: its variants are labelled by attention alone and its
+``none`` run is the baseline; the others are labelled ``block+attention`` in the report.
+
 This module trains (``training``) and evaluates (``evaluation``), so it sits above both."""
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import yaml
 from .config import build_config, load_yaml, parse_override
 from .errors import ConfigError, UserError
 
-GRID_KEYS = {"archs", "attns", "seeds", "out", "surface", "tta", "folds", "sweep"}
+GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "tta", "folds", "sweep"}
 # keys that change only the attention blocks: the vanilla (none) run is the same for every value,
 # so it is trained once and serves as the baseline of each swept setting
 ATTENTION_ONLY_KEYS = {"model.reduction", "model.fusion", "model.bottleneck_attention",
@@ -27,6 +32,7 @@ ATTENTION_ONLY_KEYS = {"model.reduction", "model.fusion", "model.bottleneck_atte
 class GridSpec:
     archs: list[str] = field(default_factory=lambda: ["unet"])
     attns: list[str] = field(default_factory=lambda: ["none", "cse", "sse", "scse"])
+    blocks: list[str] = field(default_factory=list)  # empty: each architecture's own block
     seeds: int = 1
     out: Path = Path("runs/compare")
     surface: bool = False
@@ -54,6 +60,8 @@ class GridSpec:
             spec.archs = args.archs.split(",")
         if args.attns:
             spec.attns = args.attns.split(",")
+        if getattr(args, "blocks", None):
+            spec.blocks = args.blocks.split(",")
         if args.seeds is not None:
             spec.seeds = args.seeds
         if args.out:
@@ -71,6 +79,8 @@ class GridSpec:
             spec.archs = spec.archs.split(",")
         if isinstance(spec.attns, str):
             spec.attns = spec.attns.split(",")
+        if isinstance(spec.blocks, str):
+            spec.blocks = spec.blocks.split(",")
         from .models import resolve_model_name
 
         # one spelling per architecture/attention, so run folders do not depend on the case typed
@@ -97,15 +107,33 @@ class GridSpec:
         if "none" not in spec.attns:
             raise ConfigError("compare.attns must include 'none' (the vanilla baseline every "
                               "variant is compared against)")
+        if spec.blocks and "+" in spec.blocks[0]:
+            raise ConfigError(f"compare.blocks: the first entry ({spec.blocks[0]!r}) is the "
+                              "baseline's block and must be a plain block name, e.g. double_conv")
         for arch in spec.archs:  # validate every combination before training anything
-            for attn in spec.attns:
+            for block, attn in spec.variants():
                 for setting in spec.settings():
-                    cfg = spec.config(arch, attn, 0, 0 if spec.folds else None, setting)
+                    cfg = spec.config(arch, attn, 0, 0 if spec.folds else None, setting, block)
                     if spec.tta:
                         from .evaluation.runs import tta_flip_axes
 
-                        tta_flip_axes(cfg, f"{arch}+{attn}")
+                        tta_flip_axes(cfg, f"{arch}+{spec.variant_label(block, attn)}")
         return spec
+
+    def variants(self) -> list[tuple[str | None, str]]:
+        """(block, attention) pairs; block None = the architecture's own block."""
+        if not self.blocks:
+            return [(None, a) for a in self.attns]
+        out = []
+        for entry in self.blocks:
+            block, plus, attn = entry.partition("+")
+            out += [(block, attn)] if plus else [(block, a) for a in self.attns]
+        return out
+
+    def variant_label(self, block: str | None, attn: str) -> str:
+        """Name of a variant in the report: the attention for the first (baseline) block,
+        ``block+attention`` for the others."""
+        return attn if block is None or block == self.blocks[0] else f"{block}+{attn}"
 
     def settings(self) -> list[dict]:
         """Every combination of the swept values ([{}] without a sweep)."""
@@ -122,14 +150,15 @@ class GridSpec:
         return f"{arch} [{', '.join(f'{k}={_fmt_value(v)}' for k, v in setting.items())}]"
 
     def config(self, arch: str, attn: str, seed: int, fold: int | None = None,
-               setting: dict | None = None):
+               setting: dict | None = None, block: str | None = None):
         setting = dict(setting or {})
         if attn == "none":  # the vanilla network does not depend on attention-only keys
             setting = {k: v for k, v in setting.items() if k not in ATTENTION_ONLY_KEYS}
-        name = "-".join([arch, attn, *(f"{k.split('.')[-1]}={_fmt_value(v)}"
-                                       for k, v in setting.items())])
+        name = "-".join([arch, *([block] if block else []), attn,
+                         *(f"{k.split('.')[-1]}={_fmt_value(v)}" for k, v in setting.items())])
         name += (f"-f{fold}" if fold is not None else "") + f"-s{seed}"
-        run = {"model": {"arch": arch, "attention": attn}, "seed": seed,
+        model = {"arch": arch, "attention": attn, **({"block": block} if block else {})}
+        run = {"model": model, "seed": seed,
                "out": str(self.out / "runs" / name), "experiment": "compare"}
         if fold is not None:
             run["data"] = {"folds": self.folds, "fold": fold}
@@ -137,10 +166,11 @@ class GridSpec:
                  for k, v in setting.items()]
         return build_config([], [self.base, *self.overrides, *swept, run])
 
-    def runs(self) -> list[tuple[str, str, int, int | None, dict]]:
-        """(arch, attention, seed, fold, setting) of every run the report needs, in order."""
-        return [(a, t, s, f, st) for s in range(self.seeds) for f in self.folds_list()
-                for a in self.archs for st in self.settings() for t in self.attns]
+    def runs(self) -> list[tuple[str, str, int, int | None, dict, str | None]]:
+        """(arch, attention, seed, fold, setting, block) of every run the report needs, in
+        order."""
+        return [(a, t, s, f, st, b) for s in range(self.seeds) for f in self.folds_list()
+                for a in self.archs for st in self.settings() for b, t in self.variants()]
 
 
 def _fmt_value(v) -> str:
@@ -183,8 +213,8 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     t_start = time.perf_counter()
     combos = spec.runs()
     unique = {}  # run folder -> config (a vanilla run serves every attention-only setting)
-    for arch, attn, seed, fold, setting in combos:
-        cfg = spec.config(arch, attn, seed, fold, setting)
+    for arch, attn, seed, fold, setting, block in combos:
+        cfg = spec.config(arch, attn, seed, fold, setting, block)
         unique.setdefault(cfg.out, cfg)
     bar = tqdm(list(unique.values()), desc="training grid", unit="run",
                disable=not spec.progress)
@@ -216,8 +246,9 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
             res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False)
             _save_eval(cache, res, spec, time.perf_counter() - t0)
         evaluated[out] = res
-    results = [replace(evaluated[spec.config(a, t, s, f, st).out], arch=spec.label(a, st))
-               for a, t, s, f, st in combos]
+    results = [replace(evaluated[spec.config(a, t, s, f, st, b).out], arch=spec.label(a, st),
+                       attention=spec.variant_label(b, t))
+               for a, t, s, f, st, b in combos]
     from .evaluation.compare_report import write_comparison
 
     write_comparison(results, spec, wall_seconds=_add_wall_time(spec.out, time.perf_counter() - t_start))

@@ -5,8 +5,10 @@ import torch
 from torch import nn
 
 from .nd import layer
+from .registry import register_block
 
 
+@register_block("double_conv")
 class UNetBlock(nn.Sequential):
     """U-Net block: (conv3x3 - BN - ReLU) x 2 (Ronneberger et al. 2015, with batch norm)."""
 

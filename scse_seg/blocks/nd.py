@@ -27,3 +27,16 @@ def layer(kind: str, dim: int) -> type[nn.Module]:
 def spatial_dims(dim: int) -> tuple[int, ...]:
     """Axes of the spatial dimensions of an N, C, *spatial tensor."""
     return tuple(range(2, 2 + check_dim(dim)))
+
+
+def batch_norm_any_batch(bn: nn.modules.batchnorm._BatchNorm, z):
+    """``bn(z)``, except that a training batch of one sample (whose statistics over a pooled,
+    1-element-per-channel descriptor do not exist) is normalised with the running statistics
+    instead of raising. Used by the attention paths of SK and split attention, whose BN sees one
+    value per channel and sample."""
+    import torch.nn.functional as F
+
+    if bn.training and z.shape[0] * z[0, 0].numel() == 1:
+        return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                            bn.eps)
+    return bn(z)

@@ -1,13 +1,16 @@
-"""``python -m scse_seg.models``: parameter count and attention overhead of every architecture."""
+"""``python -m scse_seg.models``: parameter count and attention overhead of every architecture,
+and the parameters of every attention and conv block at ``--block-channels`` (64) channels."""
 import argparse
 
-from .summary import PAPER_ARCHS, format_table, parameter_table
+from .summary import PAPER_ARCHS, block_parameter_table, format_block_table, format_table, parameter_table
 
 parser = argparse.ArgumentParser(prog="python -m scse_seg.models", description=__doc__)
 parser.add_argument("--classes", type=int, default=28, help="number of output classes (default 28)")
 parser.add_argument("--in-channels", type=int, default=1)
 parser.add_argument("--dim", type=int, default=2, choices=(2, 3))
 parser.add_argument("--reduction", type=float, default=2, help="SE reduction ratio r (default 2)")
+parser.add_argument("--block-channels", type=int, default=64,
+                    help="width of the per-block parameter table (default 64)")
 parser.add_argument("--no-smp", action="store_true", help="skip the smp_unet (resnet34) rows")
 parser.add_argument("--no-bottleneck-attention", action="store_true",
                     help="attention after encoder and decoder blocks only (the papers' text); "
@@ -19,3 +22,6 @@ archs = PAPER_ARCHS if (args.no_smp or args.dim == 3 or args.no_bottleneck_atten
     else PAPER_ARCHS + ("smp_unet",)
 print(format_table(parameter_table(archs, in_channels=args.in_channels, num_classes=args.classes,
                                    dim=args.dim, reduction=args.reduction, **kw)))
+print(f"\nPer block, C = {args.block_channels} (in = out), dim = {args.dim}, reduction "
+      f"{args.reduction:g} for the attentions and CMPE-SE, papers' defaults otherwise:\n")
+print(format_block_table(block_parameter_table(args.block_channels, args.dim, args.reduction)))

@@ -11,7 +11,7 @@ def count_parameters(model) -> int:
 
 
 def parameter_table(archs=PAPER_ARCHS + ("smp_unet",), attentions=("none", "cse", "sse", "scse",
-                    "cbam"), in_channels: int = 1, num_classes: int = 28, dim: int = 2,
+                    "cbam", "eca", "pe"), in_channels: int = 1, num_classes: int = 28, dim: int = 2,
                     **kwargs) -> list[dict]:
     """Rows ``{arch, attention, params, overhead_pct}`` (overhead relative to ``none``)."""
     rows = []
@@ -23,6 +23,38 @@ def parameter_table(archs=PAPER_ARCHS + ("smp_unet",), attentions=("none", "cse"
             rows.append(dict(arch=arch, attention=att, params=n,
                              overhead_pct=100.0 * (n - base) / base if base else float("nan")))
     return rows
+
+
+def block_parameter_table(channels: int = 64, dim: int = 2, reduction: float = 2) -> list[dict]:
+    """Parameters of every attention on a ``channels``-wide map and of every conv block mapping
+    ``channels`` to ``channels`` (CMPE-SE inside the residual block): rows ``{name, kind, params}``.
+    Attentions and CMPE-SE use ``reduction``; the other blocks their papers' defaults."""
+    from ..blocks import attention_names, block_names, create_attention, create_block, is_inner_recalibration
+
+    rows = []
+    for name in attention_names():
+        if name != "none" and not is_inner_recalibration(name):
+            m = create_attention(name, channels, dim, reduction=reduction)
+            rows.append(dict(name=name, kind="attention", params=count_parameters(m)))
+    for name in block_names():
+        rows.append(dict(name=name, kind="block", params=count_parameters(
+            create_block(name, channels, channels, dim))))
+    plain = count_parameters(create_block("residual", channels, channels, dim))
+    for name in attention_names():
+        if is_inner_recalibration(name):
+            n = count_parameters(create_block("residual", channels, channels, dim,
+                                              recalibration=name, reduction=reduction))
+            rows.append(dict(name=f"residual+{name}", kind="block", params=n,
+                             recalibration=n - plain))
+    return rows
+
+
+def format_block_table(rows: list[dict]) -> str:
+    lines = ["| block | kind | parameters |", "|---|---|---:|"]
+    for r in rows:
+        extra = f" (+{r['recalibration']:,} recalibration)" if "recalibration" in r else ""
+        lines.append(f"| {r['name']} | {r['kind']} | {r['params']:,}{extra} |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:

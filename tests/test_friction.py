@@ -26,8 +26,9 @@ def _same_weights(a, b):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--attn", "se"], "error: --attn: unknown attention 'se'; valid: cbam, cse, none, scse, sse"),
+    (["--attn", "se"], "error: --attn: unknown attention 'se'; valid: cbam, cmpe_se1, "),
     (["--arch", "vnet"], "error: --arch: unknown architecture 'vnet'; valid: "),
+    (["--block", "dense"], "error: --block: unknown block 'dense'; valid: double_conv, "),
 ])
 def test_unknown_name_is_one_line(tiny_phantom, tmp_path, capsys, args, needle):
     code = main([*phantom_args(tiny_phantom), "--out", str(tmp_path / "run"), *FAST, *args])

@@ -328,7 +328,8 @@ def test_copies_and_pickles_run_their_own_blocks(tmp_path):
     model = _model("monai", "BasicUNet", 2).eval()
     add_attention(model, "scse", example_input=torch.zeros(1, 1, 32, 32))
     x = _input("monai", "BasicUNet", 2)
-    ref = model(x)
+    with torch.no_grad():  # the same SE code path as the checks below (no autograd fast path)
+        ref = model(x)
     torch.save(model, tmp_path / "m.pt")
     for other in (copy.deepcopy(model), torch.load(tmp_path / "m.pt", weights_only=False)):
         with torch.no_grad():

@@ -26,6 +26,7 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would give
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()
@@ -45,6 +46,12 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -74,3 +74,20 @@ def test_sigkill_during_write_keeps_previous(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env)
     assert r.returncode == -9
     assert ck.load_checkpoint(path)["epoch"] == 1
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the result must be readable like any file
+    open() creates (0666 minus the umask), e.g. predictions shared on a cluster."""
+    old = os.umask(0o022)
+    try:
+        ck.atomic_write_text(tmp_path / "a.txt", "x")
+        ck.save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert expected == 0o644
+    for name in ("a.txt", "last.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

@@ -35,7 +35,10 @@ from torch import Tensor
 
 MODES = ("cse", "sse", "scse_max", "scse_add")
 BACKENDS = ("ops", "compile")
-DEFAULT_BACKEND = "compile"  # measured: bench/README.md
+# "ops" by default: the compiled backend makes the blocks faster (bench/README.md) but its first
+# use compiles for ~20 s, so the README's default 8-epoch run took 84.8 s with it (fresh inductor
+# cache), 67.7 s with a warm cache and 62.2 s with "ops" (2-core CPU, 2026-11-27)
+DEFAULT_BACKEND = "ops"
 
 
 def backend_name() -> str:

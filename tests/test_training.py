@@ -197,3 +197,12 @@ def test_sigkill_before_first_checkpoint_then_resume(tiny_phantom, tmp_path):
     assert "starting it from epoch 1" in r.stdout
     assert not list(out.glob(".*.tmp"))
     _assert_same_weights(_weights(out), ref)
+
+
+def test_a_last_batch_of_one_sample_is_dropped_not_crashed(tiny_phantom, tmp_path):
+    """3 training volumes x 3 patches = 9 samples, batch 8: the second batch holds one 16^3
+    patch, whose 1-voxel bottleneck BatchNorm cannot normalise in training mode."""
+    r = run_cli(["--data", str(tiny_phantom), "--dim", "3", "--epochs", "1", "--out",
+                 str(tmp_path / "r"), "data.patch_size=[16,16,16]", "data.samples_per_volume=3",
+                 *FAST])
+    assert r.returncode == 0, r.stderr[-2000:]

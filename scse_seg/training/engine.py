@@ -322,6 +322,10 @@ class Trainer:
                 data.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                 seed=cfg.seed, drop_last=False)
         per_proc = tc.batch_size
+        # a last batch of one sample cannot be batch-normalised where the map is 1 voxel (the
+        # bottleneck of a 16-voxel patch): drop it; any other remainder is trained on
+        per_rank = len(sampler) if sampler is not None else len(data.train_set)
+        drop_single = per_proc > 1 and per_rank % per_proc == 1
         if info.is_main:  # after every input check: an error stays the only line on stderr
             busy = busy_warning(torch.get_num_threads(), self.device)
             if busy:
@@ -357,7 +361,7 @@ class Trainer:
                 sampler.set_epoch(epoch)
             loader = DataLoader(data.train_set, batch_size=per_proc, shuffle=sampler is None,
                                 sampler=sampler, num_workers=tc.num_workers, generator=gen,
-                                pin_memory=self.device.type == "cuda", drop_last=False,
+                                pin_memory=self.device.type == "cuda", drop_last=drop_single,
                                 worker_init_fn=_worker_init, persistent_workers=False)
             t0 = time.perf_counter()
             resume_at = (start_step, partial, ckpt.get("rng")) \

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import triton_se as K
+from .fast_se import module_params
 
 MODES = tuple(K.MODES)
 
@@ -240,24 +241,6 @@ def fused_scse(x: Tensor, fc1_w: Tensor, fc1_b: Tensor | None, fc2_w: Tensor,
     if fusion not in ("max", "add"):
         raise ValueError(f"unknown scSE fusion {fusion!r}; valid: max, add")
     return fused_se_function(x, f"scse_{fusion}", fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b)
-
-
-def module_params(module: torch.nn.Module, mode: str) -> dict[str, Tensor | None]:
-    """The parameters of a ChannelSE / SpatialSE / ConcurrentSE block that ``mode`` uses."""
-    m = _mode(mode)
-    if m == 0:
-        cse, sse = module, None
-    elif m == 1:
-        cse, sse = None, module
-    else:
-        cse, sse = module.cse, module.sse
-    p: dict[str, Tensor | None] = {}
-    if cse is not None:
-        ex = cse.excite
-        p.update(fc1_w=ex.fc1.weight, fc1_b=ex.fc1.bias, fc2_w=ex.fc2.weight, fc2_b=ex.fc2.bias)
-    if sse is not None:
-        p.update(sse_w=sse.conv.weight, sse_b=sse.conv.bias)
-    return p
 
 
 def fused_se(x: Tensor, module: torch.nn.Module, mode: str) -> Tensor:

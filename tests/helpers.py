@@ -27,3 +27,15 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300):
                           # bit for bit with an in-process reference reduce in the same order
                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
                                **(env or {})})
+
+
+def copy_smp_scse_weights(ours, theirs) -> None:
+    """Copy smp's ``SCSEModule`` weights (1x1 convs) into our ConcurrentSE (linear cSE layers)."""
+    c1, c2 = theirs.cSE[1], theirs.cSE[3]
+    with torch.no_grad():
+        ours.cse.excite.fc1.weight.copy_(c1.weight.flatten(1))
+        ours.cse.excite.fc1.bias.copy_(c1.bias)
+        ours.cse.excite.fc2.weight.copy_(c2.weight.flatten(1))
+        ours.cse.excite.fc2.bias.copy_(c2.bias)
+        ours.sse.conv.weight.copy_(theirs.sSE[0].weight)
+        ours.sse.conv.bias.copy_(theirs.sSE[0].bias)

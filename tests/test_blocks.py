@@ -1,6 +1,7 @@
 """Attention blocks: formulas, 2D/3D, and numerical agreement with smp and MONAI."""
 import pytest
 import torch
+from helpers import copy_smp_scse_weights
 
 from scse_seg.blocks import (
     CBAM,
@@ -64,24 +65,13 @@ def test_sse_formula_3d():
     torch.testing.assert_close(m(x), x * g[:, None], rtol=1e-5, atol=1e-6)
 
 
-def _copy_smp_weights(ours: ConcurrentSE, theirs) -> None:
-    c1, c2 = theirs.cSE[1], theirs.cSE[3]
-    with torch.no_grad():
-        ours.cse.excite.fc1.weight.copy_(c1.weight.flatten(1))
-        ours.cse.excite.fc1.bias.copy_(c1.bias)
-        ours.cse.excite.fc2.weight.copy_(c2.weight.flatten(1))
-        ours.cse.excite.fc2.bias.copy_(c2.bias)
-        ours.sse.conv.weight.copy_(theirs.sSE[0].weight)
-        ours.sse.conv.bias.copy_(theirs.sSE[0].bias)
-
-
 def test_scse_add_matches_smp():
     from segmentation_models_pytorch.base.modules import SCSEModule
 
     torch.manual_seed(1)
     theirs = SCSEModule(64, reduction=16).eval()
     ours = ConcurrentSE(64, dim=2, reduction=16, fusion="add").eval()
-    _copy_smp_weights(ours, theirs)
+    copy_smp_scse_weights(ours, theirs)
     x = torch.randn(2, 64, 12, 10)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)
 

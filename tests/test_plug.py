@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import FAST, ROOT
+from helpers import FAST, ROOT, copy_smp_scse_weights
 
 from scse_seg.blocks import create_attention
 from scse_seg.plug import ATTR, add_attention, find_sites, supported
@@ -139,17 +139,6 @@ def test_none_is_bit_identical_and_state_dict_round_trip(lib, arch, dim):
         assert not torch.equal(plugged(x), ref)  # scSE really changed the function
 
 
-def _copy_smp_scse(ours, theirs):
-    c1, c2 = theirs.cSE[1], theirs.cSE[3]
-    with torch.no_grad():
-        ours.cse.excite.fc1.weight.copy_(c1.weight.flatten(1))
-        ours.cse.excite.fc1.bias.copy_(c1.bias)
-        ours.cse.excite.fc2.weight.copy_(c2.weight.flatten(1))
-        ours.cse.excite.fc2.bias.copy_(c2.bias)
-        ours.sse.conv.weight.copy_(theirs.sSE[0].weight)
-        ours.sse.conv.bias.copy_(theirs.sSE[0].bias)
-
-
 @pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus"])
 def test_reproduces_smp_decoder_attention_scse(arch):
     import segmentation_models_pytorch as smp
@@ -166,7 +155,7 @@ def test_reproduces_smp_decoder_attention_scse(arch):
     last = "x_0_4" if arch == "UnetPlusPlus" else "4"
     assert [s for s, _ in report.skipped] == [f"decoder.blocks.{last}.attention1"]
     for row in report.rows:
-        _copy_smp_scse(getattr(ours, ATTR)[row.key], theirs.get_submodule(row.site).attention)
+        copy_smp_scse_weights(getattr(ours, ATTR)[row.key], theirs.get_submodule(row.site).attention)
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         expected = theirs(x)

@@ -68,6 +68,10 @@ class GridSpec:
             spec.out = args.out
         if getattr(args, "folds", None) is not None:
             spec.folds = args.folds
+        if spec.folds is None:  # data.folds in the config (or an override) means cross-validation
+            data_folds = _data_folds([spec.base, *(parse_override(o) for o in args.overrides)])
+            if data_folds is not None:
+                spec.folds = data_folds
         for group in getattr(args, "sweep", None) or []:
             for item in [group] if isinstance(group, str) else group:
                 spec.sweep.update(parse_sweep(item))
@@ -190,6 +194,16 @@ def parse_sweep(text: str) -> dict:
             values.append(part)
     parse_override(f"{key}={raw.split(',')[0]}")  # key syntax check
     return {key.strip(): values}
+
+
+def _data_folds(layers: list[dict]):
+    """The last ``data.folds`` set by the config layers, or None."""
+    folds = None
+    for layer in layers:
+        data = layer.get("data") if isinstance(layer, dict) else None
+        if isinstance(data, dict) and data.get("folds") is not None:
+            folds = data["folds"]
+    return folds
 
 
 def _run_state(run_dir: Path, epochs: int) -> str:

@@ -5,6 +5,7 @@ import json
 import re
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,25 @@ def test_sweep_syntax_errors():
         GridSpec.from_args(compare.build_parser().parse_args(["--sweep", "model.reduction"]))
     with pytest.raises(ConfigError, match="model.reduktion"):
         GridSpec.from_args(compare.build_parser().parse_args(["--sweep", "model.reduktion=2,4"]))
+
+
+def test_data_folds_in_the_config_makes_the_grid_cross_validate(tmp_path):
+    """A compare config that sets data.folds (and not compare.folds) must run every fold, not
+    silently only fold 0 under fold-less run names."""
+    import compare
+
+    from scse_seg.grid import GridSpec
+
+    cfg = tmp_path / "cv.yaml"
+    cfg.write_text("data:\n  folds: 3\ncompare:\n  archs: [unet]\n  attns: [none, scse]\n")
+    parse = compare.build_parser().parse_args
+    spec = GridSpec.from_args(parse(["--config", str(cfg), "--out", str(tmp_path / "o")]))
+    assert spec.folds == 3
+    assert sorted({run[3] for run in spec.runs()}) == [0, 1, 2]  # (arch, attn, seed, fold, ...)
+    assert Path(spec.config("unet", "scse", 0, 2).out).name == "unet-scse-f2-s0"
+    # an override on the command line counts too, and --folds still wins
+    spec = GridSpec.from_args(parse(["--out", str(tmp_path / "o"), "data.folds=2"]))
+    assert spec.folds == 2
+    spec = GridSpec.from_args(parse(["--config", str(cfg), "--folds", "4", "--out", str(tmp_path)]))
+    assert spec.folds == 4
+    assert GridSpec.from_args(parse(["--out", str(tmp_path)])).folds is None

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", nargs="+", metavar="KEY=V1,V2",
                    help="also cross these config values, e.g. --sweep model.reduction=2,8,16 "
                         "model.fusion=max,add (attention-only keys reuse one vanilla run)")
+    p.add_argument("--ablate", action="append", nargs="+", metavar="KEY=V1,V2",
+                   help="an ablation study: besides the configured setting, change one key at a "
+                        "time to each listed value, e.g. --ablate model.placement=encoder,decoder "
+                        "model.fusion=add (not crossed; attention-only keys reuse one vanilla run)")
     p.add_argument("--epochs", type=int, help="training epochs of every run")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare)")
     p.add_argument("--surface", action="store_true", help="also HD95 and average surface distance")

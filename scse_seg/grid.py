@@ -21,7 +21,8 @@ import yaml
 from .config import build_config, load_yaml, parse_override
 from .errors import ConfigError, UserError
 
-GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "tta", "folds", "sweep"}
+GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "tta", "folds", "sweep",
+             "ablate"}
 # keys that change only the attention blocks: the vanilla (none) run is the same for every value,
 # so it is trained once and serves as the baseline of each swept setting
 ATTENTION_ONLY_KEYS = {"model.reduction", "model.fusion", "model.bottleneck_attention",
@@ -39,6 +40,7 @@ class GridSpec:
     tta: bool = False
     folds: int | None = None  # K-fold cross-validation over subjects (None: one split)
     sweep: dict = field(default_factory=dict)  # config key -> list of values (crossed)
+    ablate: dict = field(default_factory=dict)  # config key -> values tried one key at a time
     base: dict = field(default_factory=dict)  # training config applied to every run
     overrides: list[dict] = field(default_factory=list)
     progress: bool = True
@@ -75,6 +77,9 @@ class GridSpec:
         for group in getattr(args, "sweep", None) or []:
             for item in [group] if isinstance(group, str) else group:
                 spec.sweep.update(parse_sweep(item))
+        for group in getattr(args, "ablate", None) or []:
+            for item in [group] if isinstance(group, str) else group:
+                spec.ablate.update(parse_sweep(item))
         spec.surface = spec.surface or args.surface
         spec.tta = spec.tta or args.tta
         spec.progress = not args.no_progress
@@ -102,10 +107,16 @@ class GridSpec:
             spec.overrides.append(flags)
         if spec.folds is not None and (not isinstance(spec.folds, int) or spec.folds < 2):
             raise ConfigError(f"compare.folds must be an integer of at least 2, got {spec.folds!r}")
-        if not isinstance(spec.sweep, dict) or not all(
-                isinstance(v, list) and v for v in spec.sweep.values()):
-            raise ConfigError("compare.sweep must map config keys to non-empty lists of values, "
-                              "e.g. {model.reduction: [2, 8, 16]}")
+        for name in ("sweep", "ablate"):
+            value = getattr(spec, name)
+            if not isinstance(value, dict) or not all(isinstance(v, list) and v
+                                                      for v in value.values()):
+                raise ConfigError(f"compare.{name} must map config keys to non-empty lists of "
+                                  "values, e.g. {model.reduction: [2, 8, 16]}")
+        both = set(spec.sweep) & set(spec.ablate)
+        if both:
+            raise ConfigError(f"{sorted(both)} is both swept and ablated; use --sweep (crossed) "
+                              "or --ablate (one key at a time) for a key, not both")
         if not isinstance(spec.seeds, int) or spec.seeds < 1:
             raise ConfigError(f"compare.seeds must be a positive integer, got {spec.seeds!r}")
         if "none" not in spec.attns:
@@ -140,9 +151,13 @@ class GridSpec:
         return attn if block is None or block == self.blocks[0] else f"{block}+{attn}"
 
     def settings(self) -> list[dict]:
-        """Every combination of the swept values ([{}] without a sweep)."""
+        """Every combination of the swept values ([{}] without a sweep); with ``ablate``, each of
+        them as configured, then with one ablated key changed at a time (an ablation study:
+        every setting differs from the configured one in exactly one key)."""
         keys = list(self.sweep)
-        return [dict(zip(keys, vals)) for vals in itertools.product(*self.sweep.values())]
+        crossed = [dict(zip(keys, vals)) for vals in itertools.product(*self.sweep.values())]
+        single = [{k: v} for k, vals in self.ablate.items() for v in vals]
+        return [{**c, **one} for c in crossed for one in [{}, *single]]
 
     def folds_list(self) -> list[int | None]:
         return list(range(self.folds)) if self.folds else [None]

@@ -188,3 +188,54 @@ def test_data_folds_in_the_config_makes_the_grid_cross_validate(tmp_path):
     spec = GridSpec.from_args(parse(["--config", str(cfg), "--folds", "4", "--out", str(tmp_path)]))
     assert spec.folds == 4
     assert GridSpec.from_args(parse(["--out", str(tmp_path)])).folds is None
+
+
+def test_ablation_changes_one_key_at_a_time_and_reuses_the_vanilla_run(tiny_phantom, tmp_path):
+    import compare
+
+    from scse_seg.fileio import load_checkpoint
+
+    out = tmp_path / "ablate"
+    args = ["--data", str(tiny_phantom), "--archs", "unet", "--attns", "none,scse", "--seeds", "1",
+            "--epochs", "1", "--out", str(out), *FAST,
+            "--ablate", "model.reduction=4", "model.fusion=add"]
+    assert compare.main(args) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    # the configured setting plus one run per ablated value, never crossed; one vanilla run
+    assert runs == ["unet-none-s0", "unet-scse-fusion=add-s0", "unet-scse-reduction=4-s0",
+                    "unet-scse-s0"]
+    model = {r: load_checkpoint(out / "runs" / r / "last.pt")["config"]["model"] for r in runs}
+    def red_fus(run):
+        return model[run]["reduction"], model[run]["fusion"]
+    assert red_fus("unet-scse-reduction=4-s0") == (4, "max")
+    assert red_fus("unet-scse-fusion=add-s0") == (2, "add")
+    report = (out / "report.md").read_text()
+    for label in ("unet", "unet [model.reduction=4]", "unet [model.fusion=add]"):
+        assert f"\n## {label}\n" in report
+    # the summary's Δ of each setting is the one in that setting's own section
+    summary = {ln.split("|")[1].strip(): ln.split("|")[4].strip() for ln in report.splitlines()
+               if ln.startswith("| unet") and "| scse |" in ln}
+    assert set(summary) == {"unet", "unet [model.reduction=4]", "unet [model.fusion=add]"}
+    for label, delta in summary.items():
+        section = report.split(f"\n## {label}\n")[1]
+        row = next(ln for ln in section.splitlines() if ln.startswith("| scse |"))
+        assert row.split("|")[4].strip() == delta
+
+
+def test_ablation_is_crossed_with_a_sweep_and_refuses_a_key_in_both():
+    import compare
+
+    from scse_seg.grid import GridSpec
+
+    parse = compare.build_parser().parse_args
+    spec = GridSpec.from_args(parse(["--ablate", "model.reduction=4,8",
+                                     "--sweep", "model.width=4,8"]))
+    assert spec.settings() == [
+        {"model.width": 4}, {"model.width": 4, "model.reduction": 4},
+        {"model.width": 4, "model.reduction": 8},
+        {"model.width": 8}, {"model.width": 8, "model.reduction": 4},
+        {"model.width": 8, "model.reduction": 8}]
+    with pytest.raises(ConfigError, match="both swept and ablated"):
+        GridSpec.from_args(parse(["--ablate", "model.reduction=4", "--sweep", "model.reduction=2,4"]))
+    with pytest.raises(ConfigError, match="model.reduktion"):
+        GridSpec.from_args(parse(["--ablate", "model.reduktion=4"]))

@@ -175,6 +175,16 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
           "as the volume's diagonal in mm (the largest possible distance), so that missing a "
           "structure never scores better than finding it poorly. missed/FP: how many of the "
           "scored (volume, structure) pairs, over all seeds, got that penalty.\n")
+    compared = [r for r in rows if r["attention"] != "none"]
+    if len({r["arch"] for r in compared}) > 1:  # several networks or settings: one overview
+        w("\n## Summary: every variant against its vanilla network\n\n"
+          "| network | variant | Dice | Δ vs none | 95% CI of Δ | Wilcoxon p | "
+          "structures improved |\n|---|---|---|---|---|---|---|\n")
+        for r in compared:
+            imp = r["structures_improved"]
+            w(f"| {r['arch']} | {r['attention']} | {_fmt(r['dice_mean'])} | "
+              f"{100 * r['delta']:+.2f} | [{100 * r['ci'][0]:+.2f}, {100 * r['ci'][1]:+.2f}] | "
+              f"{_p(r['p'])} | {f'{imp[0]} of {imp[1]}' if imp else '—'} |\n")
     for arch in _ordered(results, "arch"):
         arows = [r for r in rows if r["arch"] == arch]
         best = max((r["dice_mean"] for r in arows if np.isfinite(r["dice_mean"])), default=None)

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an ablation study: besides the configured setting, change one key at a "
                         "time to each listed value, e.g. --ablate model.placement=encoder,decoder "
                         "model.fusion=add (not crossed; attention-only keys reuse one vanilla run)")
+    p.add_argument("--shard", metavar="I/N",
+                   help="train and evaluate only runs I, I+N, I+2N, ... of the grid, so N "
+                        "processes (or machines sharing the folder) split it; then run the "
+                        "command without --shard to write the report from the finished runs")
     p.add_argument("--epochs", type=int, help="training epochs of every run")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare)")
     p.add_argument("--surface", action="store_true", help="also HD95 and average surface distance")
@@ -72,7 +76,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume the grid", file=sys.stderr)
         return 130
-    print(f"report: {out / 'report.md'}")
+    if spec.shard:
+        print(f"shard {spec.shard[0]}/{spec.shard[1]} done; when every shard is, run the command "
+              "without --shard to write the report")
+    else:
+        print(f"report: {out / 'report.md'}")
     return 0
 
 

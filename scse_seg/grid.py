@@ -41,6 +41,7 @@ class GridSpec:
     folds: int | None = None  # K-fold cross-validation over subjects (None: one split)
     sweep: dict = field(default_factory=dict)  # config key -> list of values (crossed)
     ablate: dict = field(default_factory=dict)  # config key -> values tried one key at a time
+    shard: tuple[int, int] | None = None  # (i, n): this process trains/evaluates runs i, i+n, ...
     base: dict = field(default_factory=dict)  # training config applied to every run
     overrides: list[dict] = field(default_factory=list)
     progress: bool = True
@@ -80,6 +81,8 @@ class GridSpec:
         for group in getattr(args, "ablate", None) or []:
             for item in [group] if isinstance(group, str) else group:
                 spec.ablate.update(parse_sweep(item))
+        if getattr(args, "shard", None):
+            spec.shard = parse_shard(args.shard)
         spec.surface = spec.surface or args.surface
         spec.tta = spec.tta or args.tta
         spec.progress = not args.no_progress
@@ -211,6 +214,18 @@ def parse_sweep(text: str) -> dict:
     return {key.strip(): values}
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/3"`` -> ``(1, 3)``: the second of three processes sharing one grid."""
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"--shard {text!r} must be I/N with 0 <= I < N, e.g. 0/2 and 1/2 for "
+                          "two processes")
+    return i, n
+
+
 def _data_folds(layers: list[dict]):
     """The last ``data.folds`` set by the config layers, or None."""
     folds = None
@@ -245,6 +260,9 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     for arch, attn, seed, fold, setting, block in combos:
         cfg = spec.config(arch, attn, seed, fold, setting, block)
         unique.setdefault(cfg.out, cfg)
+    if spec.shard:  # several processes share the grid: each trains and evaluates its own runs
+        i, n = spec.shard
+        unique = {k: v for j, (k, v) in enumerate(unique.items()) if j % n == i}
     bar = tqdm(list(unique.values()), desc="training grid", unit="run",
                disable=not spec.progress)
     for cfg in bar:
@@ -275,6 +293,8 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
             res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False)
             _save_eval(cache, res, spec, time.perf_counter() - t0)
         evaluated[out] = res
+    if spec.shard:  # the report needs every run: written by an invocation without --shard
+        return spec.out
     results = [replace(evaluated[spec.config(a, t, s, f, st, b).out], arch=spec.label(a, st),
                        attention=spec.variant_label(b, t))
                for a, t, s, f, st, b in combos]

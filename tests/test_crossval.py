@@ -239,3 +239,31 @@ def test_ablation_is_crossed_with_a_sweep_and_refuses_a_key_in_both():
         GridSpec.from_args(parse(["--ablate", "model.reduction=4", "--sweep", "model.reduction=2,4"]))
     with pytest.raises(ConfigError, match="model.reduktion"):
         GridSpec.from_args(parse(["--ablate", "model.reduktion=4"]))
+
+
+def test_shards_split_a_grid_and_the_report_reuses_every_run(tiny_phantom, tmp_path, capsys):
+    import compare
+
+    from scse_seg.errors import ConfigError
+    from scse_seg.grid import parse_shard
+
+    out = tmp_path / "sh"
+    base = ["--data", str(tiny_phantom), "--archs", "unet", "--attns", "none,cse,scse",
+            "--seeds", "1", "--epochs", "1", "--out", str(out), *FAST]
+    trained = []
+    for shard in ("0/2", "1/2"):
+        before = set((out / "runs").iterdir()) if (out / "runs").is_dir() else set()
+        assert compare.main([*base, "--shard", shard]) == 0
+        new = set((out / "runs").iterdir()) - before
+        assert all((d / "eval.json").is_file() for d in new)  # each shard evaluates its runs
+        trained.append(sorted(d.name for d in new))
+        assert not (out / "report.md").exists()
+    assert trained == [["unet-none-s0", "unet-scse-s0"], ["unet-cse-s0"]]  # runs 0, 2 | 1
+    stamps = {d.name: (d / "last.pt").stat().st_mtime_ns for d in (out / "runs").iterdir()}
+    assert compare.main(base) == 0  # the report: nothing trained again
+    assert stamps == {d.name: (d / "last.pt").stat().st_mtime_ns for d in (out / "runs").iterdir()}
+    assert (out / "report.md").is_file() and "report:" in capsys.readouterr().out
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "1", "a/b", "0/0", "-1/2"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_shard(bad)

@@ -221,9 +221,9 @@ def case_name(path: Path) -> str:
     return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
 
 
-def open_nifti(path: Path, channels: int = 1):
+def open_nifti(path: Path, channels: int | None = 1):
     """nibabel image of ``path`` (header only, data read lazily) with its checks: a NIfTI file,
-    3D or 4D with ``channels`` channels on its last axis (or one)."""
+    3D or 4D with ``channels`` channels on its last axis (or one; None: not checked here)."""
     import nibabel as nib
 
     try:
@@ -236,7 +236,7 @@ def open_nifti(path: Path, channels: int = 1):
         raise DataError(f"{path} is a {type(img).__name__}, not a NIfTI image; convert it to "
                         ".nii.gz first")
     shape = img.shape
-    if len(shape) == 4 and shape[3] not in (1, channels):
+    if channels is not None and len(shape) == 4 and shape[3] not in (1, channels):
         fix = "keep the modality it was trained on" if channels == 1 else \
             f"pass {channels} channels on the last axis, or one file per channel"
         raise DataError(f"{path} has {shape[3]} channels (shape {shape}); the model takes "
@@ -281,7 +281,12 @@ def open_scan(files: list[Path], channels: int = 1) -> list:
             raise DataError(f"channel file {f} not found: the model takes {channels} channels and "
                             f"{files[0].name} is channel 0; add {f.name} beside it (nnU-Net: "
                             "<case>_0000, <case>_0001...) or pass one 4D file with all channels")
-    imgs = [open_nifti(f, channels if len(files) == 1 else 1) for f in files]
+    imgs = [open_nifti(f, channels if len(files) == 1 else None) for f in files]
+    for f, img in zip(files, imgs):
+        if len(files) > 1 and len(img.shape) == 4 and img.shape[3] != 1:
+            raise DataError(f"{f} has {img.shape[3]} channels (shape {img.shape}); each channel "
+                            f"file (<case>_0000 ... <case>_{channels - 1:04d}) must hold one 3D "
+                            "volume")
     if len(files) == 1:
         shape = imgs[0].shape
         have = shape[3] if len(shape) == 4 else 1

@@ -99,7 +99,7 @@ def run(nnunet, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "mc"
     assert main(["--data", str(nnunet), "--epochs", "6", "--out", str(out), *FAST,
-                 "train.max_steps_per_epoch=8", "train.lr=0.01"]) == 0
+                 "train.max_steps_per_epoch=8", "train.lr=0.01", "train.threads=1"]) == 0
     return out
 
 
@@ -270,7 +270,7 @@ def test_one_channel_dataset_builds_in_channels_1_and_cannot_solve_it(tmp_path, 
     root = write_dataset(tmp_path / "one", "4d", n_channels=1)
     out = tmp_path / "run"
     assert main(["--data", str(root), "--epochs", "6", "--out", str(out), *FAST,
-                 "train.max_steps_per_epoch=8", "train.lr=0.01"]) == 0
+                 "train.max_steps_per_epoch=8", "train.lr=0.01", "train.threads=1"]) == 0
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["in_channels"] == 1 and ck["channel_names"] == ["A"]
     a, _, lab = _cases()[_held_out(out)]
@@ -279,9 +279,23 @@ def test_one_channel_dataset_builds_in_channels_1_and_cannot_solve_it(tmp_path, 
     assert row["dice"] < bound + 0.05, (row["dice"], bound)
 
 
-def test_evaluating_on_data_with_other_channels_is_refused(run, tmp_path):
+def test_test_set_channel_files_are_evaluated_and_other_channels_refused(run, nnunet, tmp_path):
+    """evaluate --test on imagesTs/ (<case>_0000, _0001) + labelsTs/: the same Dice as the
+    held-out volume gives; data with one channel is refused by name."""
     from scse_seg.errors import UserError
     from scse_seg.evaluation.runs import evaluate_run
+
+    test = tmp_path / "test"  # the dataset with imagesTs/ + labelsTs/ added
+    shutil.copytree(nnunet, test)
+    (test / "imagesTs").mkdir()
+    (test / "labelsTs").mkdir()
+    held = f"mc_{_held_out(run):03d}"
+    for c in ("0000", "0001"):
+        shutil.copy(nnunet / f"imagesTr/{held}_{c}.nii.gz", test / f"imagesTs/t_{c}.nii.gz")
+    shutil.copy(nnunet / f"labelsTr/{held}.nii.gz", test / "labelsTs/t.nii.gz")
+    (row,) = evaluate_run(run, test_path=test, progress=False, device="cpu").rows
+    (ref,) = evaluate_run(run, progress=False, device="cpu").rows
+    assert row["volume"] == "t" and row["dice"] == ref["dice"]
 
     one = write_dataset(tmp_path / "one", "nnunet", n_channels=1)
     with pytest.raises(UserError, match=r"1 input channel\(s\) \['A'\] but .* trained on 2"):
@@ -344,6 +358,7 @@ def test_predict_reads_channel_files_and_4d_files(run, nnunet, tmp_path, capsys)
     ("missing_channel_file", "b_0001.nii.gz not found"),
     ("three_channels", "has 3 channels"),
     ("one_channel", "has 1 channel"),
+    ("4d_channel_file", "must hold one 3D volume"),
 ])
 def test_predict_wrong_channels_is_one_error_line_nothing_written(kind, needle, run, nnunet,
                                                                   tmp_path, capsys):
@@ -359,6 +374,8 @@ def test_predict_wrong_channels_is_one_error_line_nothing_written(kind, needle, 
         (src / "b_0001.nii.gz").unlink()
     elif kind == "three_channels":
         nib.save(nib.Nifti1Image(np.stack([a, b, a], -1), _affine()), str(src / "c.nii.gz"))
+    elif kind == "4d_channel_file":
+        nib.save(nib.Nifti1Image(np.stack([a, b], -1), _affine()), str(src / "b_0001.nii.gz"))
     else:
         nib.save(nib.Nifti1Image(a, _affine()), str(src / "c.nii.gz"))
     out = tmp_path / "out"

@@ -271,16 +271,20 @@ def channel_files(path: Path, channels: int = 1) -> list[Path]:
     return [path.with_name(_with_channel(path.name, 0, c)) for c in range(channels)]
 
 
-def open_scan(files: list[Path], channels: int = 1) -> list:
-    """nibabel images of one scan's files (see :func:`channel_files`), checked before any voxel
-    is read: present, ``channels`` channels in all, one voxel grid."""
-    from .data.msd import AFFINE_TOLERANCE
-
+def _check_channel_files_present(files: list[Path], channels: int) -> None:
     for f in files[1:]:
         if not f.is_file():
             raise DataError(f"channel file {f} not found: the model takes {channels} channels and "
                             f"{files[0].name} is channel 0; add {f.name} beside it (nnU-Net: "
                             "<case>_0000, <case>_0001...) or pass one 4D file with all channels")
+
+
+def open_scan(files: list[Path], channels: int = 1) -> list:
+    """nibabel images of one scan's files (see :func:`channel_files`), checked before any voxel
+    is read: present, ``channels`` channels in all, one voxel grid."""
+    from .data.msd import AFFINE_TOLERANCE
+
+    _check_channel_files_present(files, channels)
     imgs = [open_nifti(f, channels if len(files) == 1 else None) for f in files]
     for f, img in zip(files, imgs):
         if len(files) > 1 and len(img.shape) == 4 and img.shape[3] != 1:
@@ -349,13 +353,13 @@ def plan_outputs(inputs: str | Path, output: str | Path,
             raise DataError(f"{folder} holds channel files {_names(extra)} besides _0000; the model "
                             "takes one channel: keep only the _0000 files of each case")
         files = [p for p in files if p.name not in extra]  # read with their _0000 file
+        beyond = [n for n in extra if _channel(Path(n)) >= channels]
+        if beyond and channels > 1:
+            raise DataError(f"{folder} holds channel files {_names(beyond)} beyond the "
+                            f"{channels} channels the model takes (_0000 to _{channels - 1:04d}); "
+                            "remove them or predict with a run trained on those channels")
     for f in files:
-        missing = [c for c in channel_files(f, channels)[1:] if not c.is_file()]
-        if missing:
-            raise DataError(f"channel file {missing[0]} not found: the model takes {channels} "
-                            f"channels and {f.name} is channel 0; add {missing[0].name} beside it "
-                            "(nnU-Net: <case>_0000, <case>_0001...) or pass one 4D file with all "
-                            "channels")
+        _check_channel_files_present(channel_files(f, channels), channels)
     if src.is_dir() and is_nifti(dst):
         raise UserError(f"OUTPUT {dst} is a file name but INPUT {src} is a folder; pass a folder "
                         "for the predictions")

@@ -359,6 +359,7 @@ def test_predict_reads_channel_files_and_4d_files(run, nnunet, tmp_path, capsys)
     ("three_channels", "has 3 channels"),
     ("one_channel", "has 1 channel"),
     ("4d_channel_file", "must hold one 3D volume"),
+    ("third_channel_file", "b_0002.nii.gz beyond the 2 channels"),
 ])
 def test_predict_wrong_channels_is_one_error_line_nothing_written(kind, needle, run, nnunet,
                                                                   tmp_path, capsys):
@@ -374,6 +375,8 @@ def test_predict_wrong_channels_is_one_error_line_nothing_written(kind, needle, 
         (src / "b_0001.nii.gz").unlink()
     elif kind == "three_channels":
         nib.save(nib.Nifti1Image(np.stack([a, b, a], -1), _affine()), str(src / "c.nii.gz"))
+    elif kind == "third_channel_file":
+        shutil.copy(src / "b_0001.nii.gz", src / "b_0002.nii.gz")
     elif kind == "4d_channel_file":
         nib.save(nib.Nifti1Image(np.stack([a, b], -1), _affine()), str(src / "b_0001.nii.gz"))
     else:

@@ -6,8 +6,10 @@ normalisation, slice axis or patch size) is read from the run folder.
   python eval/predict.py RUN_DIR INPUT OUTPUT [--checkpoint last.pt|best.pt] [--tta] [--device cpu]
 
 INPUT: a .nii/.nii.gz file, a folder of them, or a dataset folder (its imagesTs/ is used).
-nnU-Net channel files (case_0000.nii.gz) are written as case.nii.gz. OUTPUT: a folder (created),
-or a .nii.gz file name for a single input. Inputs are never overwritten.
+nnU-Net channel files (case_0000.nii.gz) are written as case.nii.gz. A model trained on several
+channels (dataset.json 'modality' / 'channel_names') reads the same channels of every scan: one
+4D file with them on its last axis, or case_0000, case_0001... beside each other. OUTPUT: a folder
+(created), or a .nii.gz file name for a single input. Inputs are never overwritten.
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ def main(argv=None) -> int:
     try:
         from scse_seg.predictor import load_model, plan_outputs, predict_files
 
-        pairs = plan_outputs(args.input, args.output)
         loaded = load_model(args.run_dir, args.checkpoint, args.device, device_option="--device")
+        pairs = plan_outputs(args.input, args.output, loaded.in_channels)
         records = predict_files(loaded, pairs, tta=args.tta, progress=not args.no_progress)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

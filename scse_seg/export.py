@@ -3,7 +3,8 @@ loaded with ``torch.export.load``, no scse_seg code needed), ONNX when the ``onn
 installed, and ``preprocessing.json``, everything a runtime needs to apply it (normalisation,
 slice axis or patch size, size multiple, label values, class names).
 
-The program takes a float32 batch ``(N, 1, H, W)`` (2D) or ``(N, 1, D, H, W)`` (3D) whose
+The program takes a float32 batch ``(N, C, H, W)`` (2D) or ``(N, C, D, H, W)`` (3D), C the
+run's input channels (``in_channels`` in preprocessing.json, 1 for single-channel data), whose
 spatial sizes are multiples of ``size_multiple`` and at least twice it (torch.export
 specialises a bottleneck of size 1), and returns logits ``(N, K, ...)``.
 """
@@ -30,15 +31,15 @@ def _dynamic_shapes(dim: int, multiple: int) -> dict:
     return {"x": shapes}
 
 
-def example_input(dim: int, multiple: int, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 1, *([2 * multiple] * dim))
+def example_input(dim: int, multiple: int, batch: int = 2, in_channels: int = 1) -> torch.Tensor:
+    return torch.randn(batch, in_channels, *([2 * multiple] * dim))
 
 
-def export_program(model: torch.nn.Module, dim: int, multiple: int):
+def export_program(model: torch.nn.Module, dim: int, multiple: int, in_channels: int = 1):
     """``torch.export`` of ``model`` in eval mode on CPU, dynamic in batch and spatial size."""
     model = model.eval().to("cpu")
     with torch.no_grad():
-        return torch.export.export(model, (example_input(dim, multiple),),
+        return torch.export.export(model, (example_input(dim, multiple, in_channels=in_channels),),
                                    dynamic_shapes=_dynamic_shapes(dim, multiple))
 
 
@@ -54,8 +55,9 @@ def onnx_available() -> str | None:
         "(pip install 'scse_seg[export]')"
 
 
-def export_onnx(program, path: Path, dim: int, multiple: int) -> None:
-    torch.onnx.export(program, (example_input(dim, multiple),), str(path), dynamo=True, external_data=False,
+def export_onnx(program, path: Path, dim: int, multiple: int, in_channels: int = 1) -> None:
+    torch.onnx.export(program, (example_input(dim, multiple, in_channels=in_channels),), str(path),
+                      dynamo=True, external_data=False,
                       input_names=["image"], output_names=["logits"],
                       dynamic_shapes=_dynamic_shapes(dim, multiple), verbose=False)
 
@@ -77,15 +79,16 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt"
     if not p.is_dir():
         raise UserError(f"cannot create {out}: {p} is a file, not a folder; pass another OUT")
     loaded = load_model(run_dir, checkpoint, "cpu")
-    dim, multiple = loaded.cfg.model.dim, loaded.size_multiple
-    program = export_program(loaded.model, dim, multiple)
+    dim, multiple, c = loaded.cfg.model.dim, loaded.size_multiple, loaded.in_channels
+    program = export_program(loaded.model, dim, multiple, c)
     pre = loaded.preprocessing()
-    pre.update(input=f"float32 (N, 1, {'D, H, W' if dim == 3 else 'H, W'}), spatial sizes multiples "
+    pre.update(input=f"float32 (N, {c}, {'D, H, W' if dim == 3 else 'H, W'}), spatial sizes multiples "
                f"of {multiple}, at least {2 * multiple}", output="logits (N, num_classes, ...); "
                "argmax over classes, then label_values[class]",
                normalisation_formula="x = (x - mean) / std over the nonzero voxels of the volume "
-               "(all voxels if it has no zeros); centre-pad with the normalised volume's minimum to "
-               "the size multiple (and to at least twice it for this program); crop back",
+               "(all voxels if it has no zeros), each channel on its own; centre-pad each channel "
+               "with its normalised minimum to the size multiple (and to at least twice it for "
+               "this program); crop back",
                source_run=str(Path(run_dir).resolve()), checkpoint=checkpoint,
                torch_version=torch.__version__)
     written = {}
@@ -97,7 +100,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt"
     written["program"] = str(out / PROGRAM)
     skipped = onnx_available() if onnx else "not requested"
     if skipped is None:
-        export_onnx(program, out / ONNX, dim, multiple)
+        export_onnx(program, out / ONNX, dim, multiple, c)
         written["onnx"] = str(out / ONNX)
     pre["onnx"] = ONNX if "onnx" in written else f"skipped: {skipped}"
     atomic_write_text(out / PREPROCESSING, json.dumps(pre, indent=1))

@@ -2,7 +2,8 @@
 sliding-window inference for 3D models; optional test-time flip augmentation.
 
 Inputs are centre-padded to the model's ``size_multiple`` with the volume's minimum (the padding
-rule of training, :func:`scse_seg.data.slices.pad_value`) and cropped back."""
+rule of training, :func:`scse_seg.data.slices.pad_value`; each channel's own minimum for a
+(C, X, Y, Z) multi-channel volume) and cropped back."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,16 +19,9 @@ def size_multiple(model) -> int:
     return int(getattr(model, "size_multiple", 16))
 
 
-def _pad_to(x: torch.Tensor, multiple: int, dims: int, value: float = 0.0):
-    """Centre-pad the last ``dims`` axes up to a multiple with ``value``; return the padded
-    tensor and the crop that undoes it."""
-    lead = x.shape[:-dims]
-    y, crop = _pad_to_at_least(x.reshape(1, -1, *x.shape[-dims:]), (1,) * dims, multiple, value)
-    return y.reshape(*lead, *y.shape[2:]), crop
-
-
-def _pad_to_at_least(x: torch.Tensor, shape, multiple: int, value: float):
-    """Centre-pad the spatial axes of (N, C, *S) ``x`` to at least ``shape`` and to a multiple."""
+def _pad_to_at_least(x: torch.Tensor, shape, multiple: int, value):
+    """Centre-pad the spatial axes of (N, C, *S) ``x`` to at least ``shape`` and to a multiple;
+    ``value``: one fill, or one per channel."""
     sizes = x.shape[2:]
     target = [max(int(t), s) for t, s in zip(shape, sizes)]
     target = [-(-t // multiple) * multiple for t in target]
@@ -36,7 +30,12 @@ def _pad_to_at_least(x: torch.Tensor, shape, multiple: int, value: float):
         pads += [(t - s) // 2, t - s - (t - s) // 2]
     for s, t in zip(sizes, target):
         crop.append(slice((t - s) // 2, (t - s) // 2 + s))
-    return (F.pad(x, pads, mode="constant", value=float(value)) if any(pads) else x), crop
+    if not any(pads):
+        return x, crop
+    if np.ndim(value) == 0 or len(value) == 1:
+        return F.pad(x, pads, mode="constant", value=float(np.ravel(value)[0])), crop
+    return torch.cat([F.pad(x[:, c:c + 1], pads, mode="constant", value=float(v))
+                      for c, v in enumerate(value)], 1), crop
 
 
 def _device_of(model, device):
@@ -52,7 +51,8 @@ def _device_of(model, device):
 def predict_volume_2d(model, image: np.ndarray, axis: int, batch_size: int = 16,
                       tta_flip: bool = False, device=None, return_probs: bool = False,
                       flip_axis: int = -1, multiple: int | None = None):
-    """Predict a (X, Y, Z) volume slice by slice along ``axis``.
+    """Predict a (X, Y, Z) volume, or a (C, X, Y, Z) one of C channels, slice by slice along
+    spatial ``axis``.
 
     Slices are padded to a multiple of ``multiple`` (default: the model's ``size_multiple``) with
     the volume's minimum and cropped back. ``tta_flip`` averages the softmax with that of the slice
@@ -60,18 +60,20 @@ def predict_volume_2d(model, image: np.ndarray, axis: int, batch_size: int = 16,
     ``data.augment.flip`` flips). Returns int64 labels (X, Y, Z), or float32 probabilities
     (K, X, Y, Z).
     """
-    from .data.slices import pad_value
+    from .data.slices import channel_pad_values
 
     dev = _device_of(model, device)
     multiple = multiple or size_multiple(model)
-    fill = pad_value(image)
+    fill = channel_pad_values(image)
     was_training = model.training
     model.eval()
-    vol = torch.as_tensor(np.ascontiguousarray(np.moveaxis(image, axis, 0)), dtype=torch.float32)
+    vol = torch.as_tensor(np.ascontiguousarray(np.moveaxis(image, axis - 3, 0)), dtype=torch.float32)
+    if vol.dim() == 3:  # one channel: (S, a, b) -> (S, 1, a, b)
+        vol = vol[:, None]
     outs = []
     for start in range(0, vol.shape[0], batch_size):
-        x = vol[start:start + batch_size, None].to(dev)
-        x, crop = _pad_to(x, multiple, 2, fill)
+        x = vol[start:start + batch_size].to(dev)
+        x, crop = _pad_to_at_least(x, (1, 1), multiple, fill)
         p = torch.softmax(model(x).float(), dim=1)
         if tta_flip:
             p = 0.5 * (p + torch.softmax(model(x.flip(flip_axis)).float(), 1).flip(flip_axis))
@@ -88,20 +90,22 @@ def predict_volume_2d(model, image: np.ndarray, axis: int, batch_size: int = 16,
 def predict_volume_3d(model, image: np.ndarray, roi_size=(32, 32, 32), sw_batch_size: int = 2,
                       overlap: float = 0.25, tta_flip: bool = False, device=None,
                       return_probs: bool = False, multiple: int | None = None):
-    """Sliding-window prediction of a (X, Y, Z) volume with MONAI (Gaussian-weighted blending).
+    """Sliding-window prediction of a (X, Y, Z) or (C, X, Y, Z) volume with MONAI
+    (Gaussian-weighted blending).
 
     The volume is padded (its minimum) to at least ``roi_size`` and to a multiple of ``multiple``
     (default: the model's ``size_multiple``), so every window has a size the model takes."""
     from monai.inferers import sliding_window_inference
 
-    from .data.slices import pad_value
+    from .data.slices import channel_pad_values
 
     dev = _device_of(model, device)
     multiple = multiple or size_multiple(model)
     was_training = model.training
     model.eval()
-    x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None].to(dev)
-    x, crop = _pad_to_at_least(x, roi_size, multiple, pad_value(image))
+    x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)
+    x = (x[None] if x.dim() == 4 else x[None, None]).to(dev)
+    x, crop = _pad_to_at_least(x, roi_size, multiple, channel_pad_values(image))
     roi = tuple(min(r, s) for r, s in zip(roi_size, x.shape[2:]))
 
     def run(inp):

@@ -5,7 +5,8 @@ Shared by evaluation (held-out and test sets), prediction (``eval/predict.py``,
 ``scse_seg.predict``) and export. What the model needs is read from the run folder's checkpoint
 (its saved config, class names and original label values), never re-specified by the user:
 a model trained on coronal slices is applied to coronal slices, LPBA40's class 1 is written as
-label value 21.
+label value 21, a model trained on T2 + ADC reads both channels of every scan (one 4D file with
+the channels on its last axis, or nnU-Net's ``<case>_0000``, ``<case>_0001``... files).
 """
 from __future__ import annotations
 
@@ -43,6 +44,20 @@ class LoadedModel:
         return len(self.class_names)
 
     @property
+    def in_channels(self) -> int:
+        """Input channels the model was trained on (runs older than multi-channel support: 1)."""
+        return int(self.ckpt.get("in_channels", 1))
+
+    @property
+    def channel_names(self) -> list[str]:
+        return [str(c) for c in self.ckpt.get("channel_names") or []]
+
+    def _channels_text(self) -> str:
+        names = self.channel_names
+        return f"{self.in_channels} channel{'s' * (self.in_channels != 1)}" + \
+            (f" ({', '.join(names)})" if names and self.in_channels > 1 else "")
+
+    @property
     def size_multiple(self) -> int:
         """Inputs are padded to a multiple of this (the network's total downsampling)."""
         from .inference import size_multiple
@@ -53,7 +68,8 @@ class LoadedModel:
         """What an input needs before the network, as plain JSON-able values."""
         cfg = self.cfg
         out = dict(normalisation="zscore_nonzero", dim=cfg.model.dim, size_multiple=self.size_multiple,
-                   in_channels=1, num_classes=self.num_classes, class_names=list(self.class_names),
+                   in_channels=self.in_channels, channel_names=self.channel_names,
+                   num_classes=self.num_classes, class_names=list(self.class_names),
                    label_values=[int(v) for v in self.label_values], arch=cfg.model.arch,
                    attention=cfg.model.attention)
         if self.resampled:  # predicted on the resampled grid, probabilities brought back
@@ -77,9 +93,10 @@ class LoadedModel:
 
     def predict_classes(self, image: np.ndarray, tta: bool = False,
                         affine: np.ndarray | None = None) -> np.ndarray:
-        """Class indices (X, Y, Z) of an already normalised (X, Y, Z) float32 volume, on its own
-        grid. A run trained on resampled volumes predicts on the resampled grid and its class
-        probabilities are brought back (``affine``: the volume's, needed for target_spacing)."""
+        """Class indices (X, Y, Z) of an already normalised (X, Y, Z) float32 volume (or
+        (C, X, Y, Z) for a multi-channel model, each channel normalised), on its own grid. A run
+        trained on resampled volumes predicts on the resampled grid and its class probabilities
+        are brought back (``affine``: the volume's, needed for target_spacing)."""
         from .inference import predict_volume_2d, predict_volume_3d
 
         flip_axis = tta_flip_axes(self.cfg, self.run_dir or "this run")[0] if tta else -1
@@ -90,7 +107,7 @@ class LoadedModel:
             if dc.target_spacing is not None and affine is None:
                 raise UserError("this run was trained at data.target_spacing "
                                 f"{dc.target_spacing}; predicting needs the scan's affine")
-            shape = image.shape
+            shape = image.shape[-3:]
             image, _, _ = resample_volume(image, None, np.eye(4) if affine is None else affine,
                                           dc.zoom, dc.target_spacing)
         if self.cfg.model.dim == 2:
@@ -107,16 +124,22 @@ class LoadedModel:
 
     def predict(self, image: np.ndarray, tta: bool = False,
                 affine: np.ndarray | None = None) -> np.ndarray:
-        """Original label values (X, Y, Z) of a raw (X, Y, Z) volume (normalised here as in
-        training)."""
-        from .data import normalise
+        """Original label values (X, Y, Z) of a raw (X, Y, Z) volume, or (X, Y, Z, C) for a
+        model of C channels (the 4D NIfTI layout), normalised here as in training."""
+        from .data import normalise_channels
 
         image = np.asarray(image)
         if image.ndim == 4 and image.shape[3] == 1:
             image = image[..., 0]
-        if image.ndim != 3:
-            raise DataError(f"image has shape {image.shape}; a single-channel 3D volume is expected")
-        classes = self.predict_classes(normalise(image), tta, affine)
+        have = image.shape[3] if image.ndim == 4 else 1
+        if image.ndim not in (3, 4) or have != self.in_channels:
+            want = "a 3D volume" if self.in_channels == 1 else \
+                f"(X, Y, Z, {self.in_channels}): the channels on the last axis"
+            raise DataError(f"image has shape {image.shape}; the model takes "
+                            f"{self._channels_text()}, so {want} is expected")
+        if image.ndim == 4:
+            image = np.moveaxis(image, -1, 0)
+        classes = self.predict_classes(normalise_channels(image), tta, affine)
         return np.asarray(self.label_values, dtype=np.int64)[classes]
 
 
@@ -170,7 +193,7 @@ def load_model(run_dir: str | Path, checkpoint: str = "last.pt", device: str | t
     try:
         cfg = config_from_dict(ckpt["config"])
         k = int(ckpt["num_classes"])
-        model = cfg.model.build(1, k)
+        model = cfg.model.build(int(ckpt.get("in_channels", 1)), k)
         model.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{path} is not a checkpoint of a compatible scse_seg run ({type(e).__name__}"
@@ -198,9 +221,9 @@ def case_name(path: Path) -> str:
     return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
 
 
-def open_nifti(path: Path):
+def open_nifti(path: Path, channels: int | None = 1):
     """nibabel image of ``path`` (header only, data read lazily) with its checks: a NIfTI file,
-    3D or 4D with one channel."""
+    3D or 4D with ``channels`` channels on its last axis (or one; None: not checked here)."""
     import nibabel as nib
 
     try:
@@ -213,36 +236,98 @@ def open_nifti(path: Path):
         raise DataError(f"{path} is a {type(img).__name__}, not a NIfTI image; convert it to "
                         ".nii.gz first")
     shape = img.shape
-    if len(shape) == 4 and shape[3] != 1:
-        raise DataError(f"{path} has {shape[3]} channels (shape {shape}); the model takes one "
-                        "single-channel 3D image: keep the modality it was trained on")
+    if channels is not None and len(shape) == 4 and shape[3] not in (1, channels):
+        fix = "keep the modality it was trained on" if channels == 1 else \
+            f"pass {channels} channels on the last axis, or one file per channel"
+        raise DataError(f"{path} has {shape[3]} channels (shape {shape}); the model takes "
+                        f"{'one single-channel 3D image' if channels == 1 else f'{channels}'}: {fix}")
     if len(shape) not in (3, 4):
         raise DataError(f"{path} has shape {shape}; a 3D volume is expected")
     return img
 
 
 def read_image(img, path: Path) -> np.ndarray:
-    """The voxels of ``img`` (opened with ``open_nifti``) as a 3D array, checked finite."""
+    """The voxels of ``img`` (opened with ``open_nifti``) as a 3D array, or (C, X, Y, Z) for a
+    4D file of C > 1 channels, checked finite."""
     try:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path} cannot be read ({msg}); the file is truncated or corrupt") from None
     if data.ndim == 4:
-        data = data[..., 0]
+        data = data[..., 0] if data.shape[3] == 1 else np.moveaxis(data, -1, 0)
     if not np.issubdtype(data.dtype, np.integer) and not np.all(np.isfinite(data)):
         raise DataError(f"{path} has NaN/Inf voxels; replace them (e.g. with 0) first")
     return data
 
 
+def channel_files(path: Path, channels: int = 1) -> list[Path]:
+    """The files holding scan ``path``: itself (3D, or 4D with every channel), or for a model of
+    several channels and an nnU-Net ``<case>_0000`` file, ``<case>_0000`` ... ``<case>_{C-1}``
+    (the order of ``channel_names``)."""
+    path = Path(path)
+    if channels == 1 or _channel(path) != 0:
+        return [path]
+    return [path.with_name(_with_channel(path.name, 0, c)) for c in range(channels)]
+
+
+def _check_channel_files_present(files: list[Path], channels: int) -> None:
+    for f in files[1:]:
+        if not f.is_file():
+            raise DataError(f"channel file {f} not found: the model takes {channels} channels and "
+                            f"{files[0].name} is channel 0; add {f.name} beside it (nnU-Net: "
+                            "<case>_0000, <case>_0001...) or pass one 4D file with all channels")
+
+
+def open_scan(files: list[Path], channels: int = 1) -> list:
+    """nibabel images of one scan's files (see :func:`channel_files`), checked before any voxel
+    is read: present, ``channels`` channels in all, one voxel grid."""
+    from .data.msd import AFFINE_TOLERANCE
+
+    _check_channel_files_present(files, channels)
+    imgs = [open_nifti(f, channels if len(files) == 1 else None) for f in files]
+    for f, img in zip(files, imgs):
+        if len(files) > 1 and len(img.shape) == 4 and img.shape[3] != 1:
+            raise DataError(f"{f} has {img.shape[3]} channels (shape {img.shape}); each channel "
+                            f"file (<case>_0000 ... <case>_{channels - 1:04d}) must hold one 3D "
+                            "volume")
+    if len(files) == 1:
+        shape = imgs[0].shape
+        have = shape[3] if len(shape) == 4 else 1
+        if have != channels:
+            raise DataError(f"{files[0]} has {have} channel{'s' * (have != 1)} (shape {shape}); "
+                            f"the model takes {channels}: pass one 4D file with the channels on "
+                            "its last axis, or one file per channel (<case>_0000, <case>_0001...)")
+    for f, img in zip(files[1:], imgs[1:]):
+        if img.shape[:3] != imgs[0].shape[:3]:
+            raise DataError(f"{f} has shape {img.shape[:3]} but {files[0].name} has "
+                            f"{imgs[0].shape[:3]}; all channels of a scan must share one voxel grid")
+        if not np.allclose(img.affine, imgs[0].affine, atol=AFFINE_TOLERANCE):
+            raise DataError(f"{f}: its affine differs from {files[0].name}'s; resample every "
+                            "channel onto one grid")
+    return imgs
+
+
+def read_scan(imgs: list, files: list[Path]) -> np.ndarray:
+    """The voxels of one scan opened with :func:`open_scan`: (X, Y, Z) for one channel,
+    (C, X, Y, Z) for several."""
+    if len(imgs) == 1:
+        return read_image(imgs[0], files[0])
+    parts = [read_image(img, f) for img, f in zip(imgs, files)]
+    dtype = np.result_type(*parts)
+    return np.stack([a.astype(dtype, copy=False) for a in parts])
+
+
 # ----------------------------------------------------------------------------- files in, files out
 
 
-def plan_outputs(inputs: str | Path, output: str | Path) -> list[tuple[Path, Path]]:
+def plan_outputs(inputs: str | Path, output: str | Path,
+                 channels: int = 1) -> list[tuple[Path, Path]]:
     """(input file, output file) pairs for ``predict.py INPUT OUTPUT``, checked before anything
     is read or written: INPUT a NIfTI file, a folder of them or a dataset folder with
     ``imagesTs/``; OUTPUT a file (for one input ending in .nii/.nii.gz) or a folder; no output
-    may be an input."""
+    may be an input. For a model of several ``channels`` an nnU-Net scan is planned once, by its
+    ``<case>_0000`` file (:func:`channel_files` lists the others, checked present here)."""
     src, dst = Path(inputs), Path(output)
     if not src.exists():
         raise UserError(f"input {src} not found; pass a NIfTI file or a folder of them")
@@ -264,9 +349,17 @@ def plan_outputs(inputs: str | Path, output: str | Path) -> list[tuple[Path, Pat
         names = {p.name for p in files}  # case_0001 beside case_0000: a second channel
         extra = sorted(p.name for p in files if _channel(p) not in (None, 0) and
                        _with_channel(p.name, _channel(p), 0) in names)
-        if extra:
+        if extra and channels == 1:
             raise DataError(f"{folder} holds channel files {_names(extra)} besides _0000; the model "
                             "takes one channel: keep only the _0000 files of each case")
+        files = [p for p in files if p.name not in extra]  # read with their _0000 file
+        beyond = [n for n in extra if _channel(Path(n)) >= channels]
+        if beyond and channels > 1:
+            raise DataError(f"{folder} holds channel files {_names(beyond)} beyond the "
+                            f"{channels} channels the model takes (_0000 to _{channels - 1:04d}); "
+                            "remove them or predict with a run trained on those channels")
+    for f in files:
+        _check_channel_files_present(channel_files(f, channels), channels)
     if src.is_dir() and is_nifti(dst):
         raise UserError(f"OUTPUT {dst} is a file name but INPUT {src} is a folder; pass a folder "
                         "for the predictions")
@@ -280,7 +373,7 @@ def plan_outputs(inputs: str | Path, output: str | Path) -> list[tuple[Path, Pat
         ending = lambda p: ".nii" if p.name.endswith(".nii") else ".nii.gz"  # noqa: E731
         pairs = [(f, dst / f"{case_name(f)}{ending(f)}") for f in files]
     by_out: dict[Path, Path] = {}
-    ins = {f.resolve() for f in files}
+    ins = {c.resolve() for f in files for c in channel_files(f, channels)}
     for f, o in pairs:
         if o.resolve() in ins:
             raise UserError(f"OUTPUT {o} would overwrite the input {f}; pass another folder")
@@ -328,14 +421,21 @@ def predict_files(loaded: LoadedModel, pairs: list[tuple[Path, Path]], tta: bool
     prediction is written. Returns one record per file (seconds, shape)."""
     from tqdm.auto import tqdm
 
-    from .data import normalise
+    from .data import normalise_channels
     from .inference import save_prediction_nifti
 
-    opened = [(open_nifti(src), src, dst) for src, dst in pairs]  # fail before writing anything
+    c = loaded.in_channels
+    opened = []  # every scan's headers checked: fail before writing anything
+    for src, dst in pairs:
+        files = channel_files(src, c)
+        opened.append((open_scan(files, c), files, src, dst))
     records = []
-    for img, src, dst in tqdm(opened, desc="predicting", unit="volume", disable=not progress):
+    for imgs, files, src, dst in tqdm(opened, desc="predicting", unit="volume",
+                                      disable=not progress):
+        img = imgs[0]
         t0 = time.perf_counter()
-        classes = loaded.predict_classes(normalise(read_image(img, src)), tta, img.affine)
+        classes = loaded.predict_classes(normalise_channels(read_scan(imgs, files)), tta,
+                                         img.affine)
         seconds = time.perf_counter() - t0  # predict_classes returns on the CPU: synchronised
         try:
             save_prediction_nifti(classes, img.affine, loaded.label_values, dst, like=img)
@@ -348,16 +448,25 @@ def predict_files(loaded: LoadedModel, pairs: list[tuple[Path, Path]], tta: bool
 
 def predict(run: str | Path | LoadedModel, image, checkpoint: str = "last.pt",
             device: str | torch.device | None = None, tta: bool = False) -> np.ndarray:
-    """Segment one scan with a trained run: ``image`` is a NIfTI path, a nibabel image or a raw
-    (X, Y, Z) array; returns the dataset's original label values, same shape.
+    """Segment one scan with a trained run: ``image`` is a NIfTI path (for a multi-channel model:
+    a 4D file, an nnU-Net ``<case>_0000`` file whose siblings hold the other channels, or a list
+    of channel files), a nibabel image or a raw (X, Y, Z) array ((X, Y, Z, C) for C channels);
+    returns the dataset's original label values, shape (X, Y, Z).
 
     ``run`` is a run folder (loaded on each call) or ``load_model(run_dir)`` (load once, predict
     many)."""
     loaded = run if isinstance(run, LoadedModel) else load_model(run, checkpoint, device)
     affine = None
-    if isinstance(image, (str, Path)):
-        img = open_nifti(Path(image))
-        image, affine = read_image(img, Path(image)), img.affine
-    elif hasattr(image, "dataobj"):
+    if isinstance(image, (str, Path)) or (isinstance(image, (list, tuple)) and image and
+                                          all(isinstance(f, (str, Path)) for f in image)):
+        from .data import normalise_channels
+
+        files = channel_files(Path(image), loaded.in_channels) if isinstance(image, (str, Path)) \
+            else [Path(f) for f in image]
+        imgs = open_scan(files, loaded.in_channels)
+        classes = loaded.predict_classes(normalise_channels(read_scan(imgs, files)), tta,
+                                         imgs[0].affine)
+        return np.asarray(loaded.label_values, dtype=np.int64)[classes]
+    if hasattr(image, "dataobj"):
         image, affine = np.asanyarray(image.dataobj), image.affine
     return loaded.predict(np.asarray(image), tta, affine)

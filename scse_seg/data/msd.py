@@ -24,8 +24,14 @@ AFFINE_TOLERANCE = 1e-3
 @dataclass
 class CaseRef:
     name: str
-    image: Path
+    image: Path  # the 3D/4D image, or channel 0 (<case>_0000) when channels are separate files
     label: Path
+    channel_files: list[Path] = field(default_factory=list)  # all channel files, nnU-Net layout
+
+    @property
+    def image_files(self) -> list[Path]:
+        """Every file holding this case's image: its channel files, or the one image file."""
+        return list(self.channel_files) or [self.image]
 
 
 @dataclass
@@ -36,20 +42,40 @@ class MSDDataset:
     label_values: list[int]  # original values, index = class index (0 = background)
     class_names: list[str]
     orphans: list[str] = field(default_factory=list)  # human-readable warnings
-    modality: str = ""
+    modality: str = ""  # name of channel 0
+    channel_names: list[str] = field(default_factory=list)  # as declared; [] = one channel
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def num_channels(self) -> int:
+        """Input channels of every case (the network's in_channels): those dataset.json declares."""
+        return max(1, len(self.channel_names))
+
 
 @dataclass
 class Volume:
     name: str
-    image: np.ndarray  # float32 (X, Y, Z), normalised per volume
+    image: np.ndarray  # float32 (X, Y, Z), or (C, X, Y, Z) with several channels; normalised
     label: np.ndarray  # int64 class indices (X, Y, Z)
     affine: np.ndarray  # 4x4, from the image file
     label_values: list[int]  # original label value of each class index
+
+    @property
+    def num_channels(self) -> int:
+        return num_channels(self.image)
+
+
+def num_channels(image: np.ndarray) -> int:
+    """Channels of a loaded image: (X, Y, Z) is one channel, (C, X, Y, Z) holds C."""
+    return int(image.shape[0]) if image.ndim == 4 else 1
+
+
+def channels_first(image: np.ndarray) -> np.ndarray:
+    """(C, X, Y, Z) view of a loaded image, whatever its number of channels."""
+    return image if image.ndim == 4 else image[None]
 
 
 def _strip_ext(name: str) -> str:
@@ -96,6 +122,42 @@ def _parse_labels(labels, js: Path) -> tuple[list[int], list[str]]:
     return values, [p[1] for p in pairs]
 
 
+def _parse_channels(meta: dict, js: Path) -> list[str]:
+    """Channel names in channel order from ``modality`` (MSD) or ``channel_names`` (nnU-Net v2),
+    both ``{"0": name, "1": name, ...}``; [] when neither is given (one channel)."""
+    decl = meta.get("channel_names", meta.get("modality"))
+    key = "channel_names" if "channel_names" in meta else "modality"
+    if decl is None:
+        return []
+    if not isinstance(decl, dict) or not decl:
+        raise DataError(f"{js}: '{key}' must map channel indices to names, e.g. "
+                        '{"0": "T2", "1": "ADC"}')
+    try:
+        idx = sorted((int(k), str(v)) for k, v in decl.items())
+    except (TypeError, ValueError):
+        raise DataError(f"{js}: '{key}' keys must be channel indices \"0\", \"1\", ...; got "
+                        f"{sorted(map(str, decl))}") from None
+    if [i for i, _ in idx] != list(range(len(idx))):
+        raise DataError(f"{js}: '{key}' must number its channels 0, 1, ... without gaps; got "
+                        f"{[i for i, _ in idx]}")
+    return [n for _, n in idx]
+
+
+def _channel_files(image: Path, channels: int, ending: str, js: Path, what: str) -> list[Path]:
+    """nnU-Net layout: the ``<case>_0000`` ... ``<case>_{C-1}`` files of ``image`` (which is
+    channel 0), checked present; [] for one channel or a single (4D) image file."""
+    stem = _strip_ext(image.name)
+    if channels == 1 or not stem.endswith("_0000"):
+        return []
+    files = [image.with_name(f"{stem[:-5]}_{c:04d}{ending}") for c in range(channels)]
+    for f in files[1:]:
+        if not f.is_file():
+            raise DataError(f"{what}: channel file {f} is missing ({js.name} declares {channels} "
+                            f"channels, {image.name} is channel 0); add it, or give the case "
+                            "one 4D file with all channels on its last axis")
+    return files
+
+
 def read_msd(root: str | Path) -> MSDDataset:
     """Read and check ``root/dataset.json``; list the image/label pairs and any orphans."""
     root = Path(root)
@@ -115,6 +177,8 @@ def read_msd(root: str | Path) -> MSDDataset:
     if "labels" not in meta:
         raise DataError(f"{js} has no 'labels' entry mapping label values to structure names")
     values, names = _parse_labels(meta["labels"], js)
+    channels = _parse_channels(meta, js)
+    n_ch = max(1, len(channels))
     ending = meta.get("file_ending", ".nii.gz")
     cases: list[CaseRef] = []
     if "training" in meta:
@@ -132,23 +196,24 @@ def read_msd(root: str | Path) -> MSDDataset:
                 if not p.is_file():
                     raise DataError(f"{js}: training entry {i} points to missing {what} file {p}; "
                                     "restore the file or remove the entry")
-            cases.append(CaseRef(_strip_ext(lab.name), img, lab))
+            files = _channel_files(img, n_ch, ending, js, f"{js}: training entry {i}")
+            cases.append(CaseRef(_strip_ext(lab.name), img, lab, files))
     else:  # nnU-Net v2: pair imagesTr/<case>_0000<ending> with labelsTr/<case><ending>
         for lab in sorted((root / "labelsTr").glob(f"*{ending}")):
             case = lab.name[: -len(ending)]
             img = root / "imagesTr" / f"{case}_0000{ending}"
             if img.is_file():
-                cases.append(CaseRef(case, img, lab))
+                cases.append(CaseRef(case, img, lab, _channel_files(img, n_ch, ending, js, str(lab))))
     orphans = _find_orphans(root, cases, ending)
     if not cases:
         raise DataError(f"dataset {root} has no image/label pairs (dataset.json 'training' is "
                         "empty or labelsTr/ has no matching files)")
     return MSDDataset(root, str(meta.get("name", root.name)), cases, values, names, orphans,
-                      str((meta.get("modality") or meta.get("channel_names") or {}).get("0", "")))
+                      channels[0] if channels else "", channels)
 
 
 def _find_orphans(root: Path, cases: list[CaseRef], ending: str) -> list[str]:
-    used = {c.image.resolve() for c in cases} | {c.label.resolve() for c in cases}
+    used = {f.resolve() for c in cases for f in c.image_files} | {c.label.resolve() for c in cases}
     case_names = {c.name for c in cases}
     out = []
     for sub, other in (("imagesTr", "label"), ("labelsTr", "image")):
@@ -159,6 +224,11 @@ def _find_orphans(root: Path, cases: list[CaseRef], ending: str) -> list[str]:
             if f.name.startswith(".") or not f.name.endswith(ending) or f.resolve() in used:
                 continue
             case = f.name[: -len(ending)]
+            channel = sub == "imagesTr" and len(case) > 5 and case[-5] == "_" and case[-4:].isdigit()
+            if channel and case[:-5] in case_names and case[-4:] != "0000":
+                out.append(f"orphan {sub}/{f.name}: channel {int(case[-4:])} is not declared in "
+                           "dataset.json ('modality' / 'channel_names'); it is not used")
+                continue
             case = case[:-5] if sub == "imagesTr" and case.endswith("_0000") else case
             why = f"has no {other}" if case not in case_names else "is not listed"
             out.append(f"orphan {sub}/{f.name}: {why}; it is not used for training or evaluation")
@@ -202,22 +272,66 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return ((x - mean) / (std if std > 1e-8 else 1.0)).astype(np.float32)
 
 
+def normalise_channels(image: np.ndarray) -> np.ndarray:
+    """:func:`normalise` applied to each channel of a (C, X, Y, Z) image on its own (modalities
+    have unrelated scales); a (X, Y, Z) image is normalised as one channel."""
+    if image.ndim == 3:
+        return normalise(image)
+    return np.stack([normalise(c) for c in image]).astype(np.float32, copy=False)
+
+
+def _read_channels(case: CaseRef, channels: int):
+    """(image (X, Y, Z) or (C, X, Y, Z), affine of channel 0) from the case's image file(s),
+    checked: the channel count dataset.json declares, one grid for all channels."""
+    files = case.image_files
+    if len(files) == 1:
+        image, affine = _load_nifti(files[0])
+        if image.ndim == 4 and image.shape[3] == 1:
+            image = image[..., 0]
+        have = image.shape[3] if image.ndim == 4 else 1
+        if image.ndim == 4 and have != channels:
+            raise DataError(f"{files[0]} has {have} channels (shape {image.shape}) but dataset.json "
+                            f"declares {channels}; list every channel in its 'modality' (MSD) or "
+                            "'channel_names' (nnU-Net), or keep one channel")
+        if image.ndim == 3 and channels > 1:
+            raise DataError(f"{files[0]} has 1 channel (shape {image.shape}) but dataset.json "
+                            f"declares {channels}; give each case one 4D file with all channels on "
+                            "the last axis, or one file per channel (<case>_0000, <case>_0001...)")
+        if image.ndim == 4:
+            image = np.moveaxis(np.asarray(image), -1, 0)  # MSD: X x Y x Z x C -> C x X x Y x Z
+        elif image.ndim != 3:
+            raise DataError(f"{files[0]} has shape {image.shape}; a 3D volume is expected")
+        return image, affine
+    parts, affine = [], None
+    for f in files:
+        data, aff = _load_nifti(f)
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise DataError(f"{f} has shape {data.shape}; each channel file must hold one 3D "
+                            "volume")
+        if parts and data.shape != parts[0].shape:
+            raise DataError(f"{f} has shape {data.shape} but {files[0].name} has "
+                            f"{parts[0].shape}; all channels of a case must be on one voxel grid")
+        if parts and not np.allclose(aff, affine, atol=AFFINE_TOLERANCE):
+            raise DataError(f"{f}: its affine differs from {files[0].name}'s by more than "
+                            f"{AFFINE_TOLERANCE}; resample every channel onto one grid")
+        parts.append(np.asarray(data))
+        affine = aff if affine is None else affine
+    dtype = np.result_type(*parts)
+    return np.stack([a.astype(dtype, copy=False) for a in parts]), affine
+
+
 def load_case(case: CaseRef, ds: MSDDataset, *, check: bool = True) -> Volume:
-    """Read one image/label pair, check it, normalise the image and remap the labels."""
-    image, affine = _load_nifti(case.image)
+    """Read one image/label pair, check it, normalise the image (each channel on its own) and
+    remap the labels. The image comes back (X, Y, Z), or (C, X, Y, Z) with several channels."""
+    image, affine = _read_channels(case, ds.num_channels)
     label, l_affine = _load_nifti(case.label)
-    if image.ndim == 4 and image.shape[3] == 1:
-        image = image[..., 0]
-    if image.ndim == 4:
-        raise DataError(f"{case.image} has {image.shape[3]} channels (shape {image.shape}); only "
-                        "single-channel 3D images are supported — split the modalities or keep one")
-    if image.ndim != 3:
-        raise DataError(f"{case.image} has shape {image.shape}; a 3D volume is expected")
     if label.ndim == 4 and label.shape[3] == 1:
         label = label[..., 0]
-    if label.shape != image.shape:
+    if label.shape != image.shape[-3:]:
         raise DataError(f"{case.label} has shape {label.shape} but its image {case.image.name} has "
-                        f"{image.shape}; image and label must be on the same voxel grid")
+                        f"{image.shape[-3:]}; image and label must be on the same voxel grid")
     if check and not np.allclose(affine, l_affine, atol=AFFINE_TOLERANCE):
         raise DataError(f"{case.label}: its affine differs from {case.image.name}'s by more than "
                         f"{AFFINE_TOLERANCE}; resample the label onto the image grid")
@@ -238,8 +352,8 @@ def load_case(case: CaseRef, ds: MSDDataset, *, check: bool = True) -> Volume:
                         f"not declare (declared: {ds.label_values[:10]}"
                         f"{'...' if len(ds.label_values) > 10 else ''}); add them to 'labels' or "
                         "fix the label file")
-    return Volume(case.name, normalise(np.asarray(image)), remap_labels(lab.astype(np.int64),
-                  ds.label_values), affine, list(ds.label_values))
+    return Volume(case.name, normalise_channels(np.asarray(image)),
+                  remap_labels(lab.astype(np.int64), ds.label_values), affine, list(ds.label_values))
 
 
 def read_test_set(path: str | Path) -> tuple[MSDDataset, str]:
@@ -252,7 +366,8 @@ def read_test_set(path: str | Path) -> tuple[MSDDataset, str]:
     ds = read_msd(root)
     if not (root / "labelsTs").is_dir():
         return ds, "imagesTr"
-    ending = json.loads((root / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+    js = root / "dataset.json"
+    ending = json.loads(js.read_text()).get("file_ending", ".nii.gz")
     cases, missing = [], []
     for lab in sorted((root / "labelsTs").glob(f"*{ending}")):
         case = lab.name[: -len(ending)]
@@ -261,7 +376,8 @@ def read_test_set(path: str | Path) -> tuple[MSDDataset, str]:
         if img is None:
             missing.append(case)
         else:
-            cases.append(CaseRef(case, img, lab))
+            cases.append(CaseRef(case, img, lab, _channel_files(img, ds.num_channels, ending, js,
+                                                                str(lab))))
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise DataError(f"{root / 'labelsTs'}: labels {shown} have no image in {root / 'imagesTs'} "
@@ -270,5 +386,5 @@ def read_test_set(path: str | Path) -> tuple[MSDDataset, str]:
     if not cases:
         raise DataError(f"{root / 'labelsTs'} holds no {ending} label files; add them or pass a "
                         "dataset whose imagesTr/labelsTr are the test volumes")
-    return MSDDataset(root, ds.name, cases, ds.label_values, ds.class_names, [], ds.modality), \
-        "imagesTs"
+    return MSDDataset(root, ds.name, cases, ds.label_values, ds.class_names, [], ds.modality,
+                      ds.channel_names), "imagesTs"

@@ -6,24 +6,30 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .slices import pad_value, per_image_label_counts
+from .slices import channel_pad_values, pad_value, per_image_label_counts
 
 
 def pad_volume(image: np.ndarray, label: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
-    """Centre-pad a volume smaller than ``shape`` (image with its minimum, label with 0: the
-    padding rule of :func:`pad_value`); sizes already large enough are left alone."""
-    extra = [max(0, int(t) - s) for t, s in zip(shape, image.shape)]
+    """Centre-pad a volume smaller than ``shape`` (image with its minimum, each channel of a
+    (C, X, Y, Z) image with its own, label with 0: the padding rule of :func:`pad_value`); sizes
+    already large enough are left alone."""
+    extra = [max(0, int(t) - s) for t, s in zip(shape, image.shape[-3:])]
     if not any(extra):
         return image, label
     pads = [(e // 2, e - e // 2) for e in extra]
-    return (np.pad(image, pads, constant_values=pad_value(image)),
-            np.pad(label, pads, constant_values=0))
+    if image.ndim == 4:
+        padded = np.stack([np.pad(c, pads, constant_values=f)
+                           for c, f in zip(image, channel_pad_values(image))])
+    else:
+        padded = np.pad(image, pads, constant_values=pad_value(image))
+    return padded, np.pad(label, pads, constant_values=0)
 
 
 class PatchDataset(Dataset):
     """``samples_per_volume`` random ``patch_size`` patches per volume and epoch, as
-    ``(image 1xDxHxW float, label DxHxW long)``. Volumes smaller than the patch are padded
-    (:func:`pad_volume`), so any patch the network can take is accepted."""
+    ``(image CxDxHxW float, label DxHxW long)``, all channels cropped at one position. Volumes
+    smaller than the patch are padded (:func:`pad_volume`), so any patch the network can take is
+    accepted."""
 
     def __init__(self, volumes, patch_size=(32, 32, 32), samples_per_volume: int = 4,
                  seed: int = 0):
@@ -55,7 +61,8 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, i: int):
         image, label = self._padded[i // self.samples_per_volume]
-        item = {"image": image[None].astype(np.float32), "label": label[None]}
+        item = {"image": (image if image.ndim == 4 else image[None]).astype(np.float32),
+                "label": label[None]}
         out = self.transform(item)[0]
         img = torch.as_tensor(np.asarray(out["image"]), dtype=torch.float32)
         lab = torch.as_tensor(np.asarray(out["label"]), dtype=torch.int64)[0]

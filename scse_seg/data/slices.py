@@ -26,6 +26,20 @@ def pad_value(image: np.ndarray) -> float:
     return float(np.min(image)) if np.size(image) else 0.0
 
 
+def channel_pad_values(image: np.ndarray) -> list[float]:
+    """:func:`pad_value` of each channel of a loaded (X, Y, Z) or (C, X, Y, Z) image: channels
+    are normalised apart, so each is padded with its own background."""
+    return [pad_value(c) for c in image] if image.ndim == 4 else [pad_value(image)]
+
+
+def pad_or_crop_channels(a: np.ndarray, size: tuple[int, int], fills: list[float]) -> np.ndarray:
+    """:func:`pad_or_crop` of (N, H, W) slices with ``fills[0]``, or of (N, C, H, W) slices
+    with each channel's own fill."""
+    if a.ndim == 3:
+        return pad_or_crop(a, size, fills[0])
+    return np.stack([pad_or_crop(a[:, c], size, f) for c, f in enumerate(fills)], axis=1)
+
+
 def per_image_label_counts(labels: np.ndarray, num_classes: int, chunk: int = 256) -> np.ndarray:
     """(N, K) voxel count of every class in each of the N label images ``labels[i]`` (chunked,
     so the temporary index array stays small on large slice stacks)."""
@@ -57,10 +71,11 @@ def pad_or_crop(a: np.ndarray, size: tuple[int, int], fill: float) -> np.ndarray
 
 
 class SliceDataset(Dataset):
-    """Slices of ``volumes`` along ``axis`` as ``(image 1xHxW float, label HxW long)``.
+    """Slices of ``volumes`` along ``axis`` as ``(image CxHxW float, label HxW long)``.
 
-    ``transform(image=HxW float32, mask=HxW int) -> dict`` (an albumentations pipeline) is applied
-    per item; ``index[i] = (volume index, slice index)`` maps items back to volumes.
+    ``transform(image=HxW(xC) float32, mask=HxW int) -> dict`` (an albumentations pipeline; its
+    spatial transforms move all channels alike) is applied per item; ``index[i] = (volume index,
+    slice index)`` maps items back to volumes. Volumes hold (X, Y, Z) or (C, X, Y, Z) images.
     """
 
     def __init__(self, volumes, axis: str | int = "coronal", size: tuple[int, int] = (64, 64),
@@ -68,14 +83,14 @@ class SliceDataset(Dataset):
         self.axis, self.size, self.transform = axis_index(axis), tuple(size), transform
         images, labels, self.index = [], [], []
         for vi, vol in enumerate(volumes):
-            img = np.moveaxis(vol.image, self.axis, 0)
+            img = np.moveaxis(vol.image, self.axis - 3, 0)  # (S, a, b) or (S, C, a, b)
             lab = np.moveaxis(vol.label, self.axis, 0)
             keep = np.arange(img.shape[0])
             if skip_empty:
                 keep = keep[lab.reshape(lab.shape[0], -1).any(axis=1)]
             if keep.size == 0:
                 continue
-            images.append(pad_or_crop(img[keep], self.size, pad_value(vol.image)))
+            images.append(pad_or_crop_channels(img[keep], self.size, channel_pad_values(vol.image)))
             labels.append(pad_or_crop(lab[keep], self.size, 0))
             self.index += [(vi, int(s)) for s in keep]
         self.images = np.concatenate(images).astype(np.float32) if images else \
@@ -93,10 +108,13 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int):
         img, lab = self.images[i], self.labels[i]
+        several = img.ndim == 3  # (C, H, W)
         if self.transform is not None:
-            out = self.transform(image=img, mask=lab)
+            out = self.transform(image=np.moveaxis(img, 0, -1) if several else img, mask=lab)
             img, lab = out["image"], out["mask"]
-        return (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None],
+            img = np.moveaxis(img, -1, 0) if several else img
+        img = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+        return (img if several else img[None],
                 torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)))
 
 

@@ -293,7 +293,9 @@ def write_comparison(results, spec=None, out: str | Path | None = None,
                           for a, by in structs.items()}, out / "structures.png")
     plots.training_curves(histories, out / "curves.png")
     vol, axis, preds = _example_predictions(results, device)
-    plots.overlay_plot(vol.image, vol.label, preds, axis, len(results[0].class_names),
+    from ..data import channels_first
+
+    plots.overlay_plot(channels_first(vol.image)[0], vol.label, preds, axis, len(results[0].class_names),
                        out / "overlay.png", title=f"held-out volume {vol.name}")
     report = out / "report.md"
     atomic_write_text(report, render_markdown(results, spec, wall_seconds))

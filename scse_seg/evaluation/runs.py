@@ -101,6 +101,7 @@ def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str 
             raise UserError(f"--test {test_path} is the dataset {run_dir} was trained on: its labelled "
                             "volumes include the training volumes; evaluate the held-out ones without "
                             "--test, or add imagesTs/ + labelsTs/ test volumes")
+        _check_channels(loaded, ds, f"--test {test_path}")
         diff = class_differences(list(ckpt["class_names"]), list(ds.class_names))
         if diff:
             raise UserError(f"--test {test_path}: its classes differ from those {run_dir} was trained "
@@ -114,6 +115,7 @@ def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str 
     if list(ds.class_names) != list(ckpt["class_names"]):
         raise UserError(f"dataset {root} has classes {ds.class_names} but the run was trained on "
                         f"{ckpt['class_names']}; pass the run's dataset with --data")
+    _check_channels(loaded, ds, f"dataset {root}")
     names = {c.name for c in ds.cases}
     missing = [n for n in split["val"] if n not in names]
     if missing:
@@ -121,6 +123,15 @@ def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str 
                         "the dataset it was trained on with --data, or a separate labelled test set "
                         "with --test")
     return _OpenRun(loaded, ds, list(split["val"]))
+
+
+def _check_channels(loaded, ds, what: str) -> None:
+    """The volumes must hold the channels the model was trained on (dataset.json's)."""
+    if ds.num_channels != loaded.in_channels:
+        raise UserError(f"{what} has {ds.num_channels} input channel(s) {ds.channel_names} but "
+                        f"{loaded.run_dir} was trained on {loaded.in_channels} "
+                        f"{loaded.channel_names}; pass data with the same channels ('modality' / "
+                        "'channel_names' in its dataset.json)")
 
 
 def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str = "last.pt",
@@ -137,6 +148,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
     """
     from tqdm.auto import tqdm
 
+    from .. import data as D
     from ..data import AXIS_INDEX
     from ..inference import save_prediction_nifti
     from ..metrics import evaluate_volume
@@ -164,7 +176,8 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
             save_prediction_nifti(pred, vol.affine, vol.label_values,
                                   Path(save_dir) / f"{name}.nii.gz")
         if keep_example and example is None:
-            example = dict(name=name, image=vol.image, label=vol.label, pred=pred,
+            example = dict(name=name, image=D.channels_first(vol.image)[0], label=vol.label,
+                           pred=pred,
                            axis=AXIS_INDEX[run.cfg.data.axis])
     hist = list(run.ckpt.get("history", []))
     cfg = run.cfg

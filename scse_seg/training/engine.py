@@ -56,6 +56,12 @@ class PreparedData:
     split: dict = field(default_factory=dict)
     dataset_root: str = ""
     sample_class_counts: np.ndarray | None = None  # (samples, K): what class weights come from
+    channel_names: list[str] = field(default_factory=list)  # dataset.json's; [] = one channel
+
+    @property
+    def in_channels(self) -> int:
+        """The network's input channels: the dataset's (each case is checked to hold them)."""
+        return max(1, len(self.channel_names))
 
     @property
     def num_classes(self) -> int:
@@ -131,7 +137,7 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True,
     if dc.folds is not None:
         split.update(folds=dc.folds, fold=dc.fold)
     return PreparedData(train_set, val_vols, list(ds.class_names), list(ds.label_values), counts,
-                        split, str(root), sample_counts)
+                        split, str(root), sample_counts, list(ds.channel_names))
 
 
 def _check_sizes(cfg: Config, multiple: int) -> None:
@@ -148,7 +154,7 @@ def _check_sizes(cfg: Config, multiple: int) -> None:
 def _fit_size(volumes, axis: str, multiple: int = 16) -> tuple[int, int]:
     """Smallest in-plane size that holds every slice and is a multiple of ``multiple``."""
     a = AXIS_INDEX[axis]
-    inplane = [[s for i, s in enumerate(v.image.shape) if i != a] for v in volumes]
+    inplane = [[s for i, s in enumerate(v.image.shape[-3:]) if i != a] for v in volumes]
     h = max(p[0] for p in inplane)
     w = max(p[1] for p in inplane)
     return (int(math.ceil(h / multiple) * multiple), int(math.ceil(w / multiple) * multiple))
@@ -199,7 +205,7 @@ class Trainer:
     def _build(self, data: PreparedData):
         cfg, tc = self.cfg, self.cfg.train
         torch.manual_seed(cfg.seed)
-        model = cfg.model.build(1, data.num_classes).to(self.device)
+        model = cfg.model.build(data.in_channels, data.num_classes).to(self.device)
         if self.info.enabled and tc.sync_batchnorm:
             if self.device.type != "cuda":  # SyncBatchNorm raises on CPU tensors in forward
                 raise ConfigError("config key 'train.sync_batchnorm': SyncBatchNorm needs CUDA "
@@ -332,7 +338,9 @@ class Trainer:
                 print(f"warning: {busy}", file=sys.stderr, flush=True)
             print(f"[scse_seg] {cfg.model.arch}+{cfg.model.attention} dim={cfg.model.dim} | "
                   f"{len(data.train_set)} training samples, {len(data.val_volumes)} validation "
-                  f"volumes, {data.num_classes} classes | batch {per_proc}/process x "
+                  f"volumes, {data.num_classes} classes"
+                  f"{f', {data.in_channels} channels' if data.in_channels > 1 else ''} | batch "
+                  f"{per_proc}/process x "
                   f"{info.world_size} = {per_proc * info.world_size} global | device "
                   f"{self.device} | run folder {self.run_dir}", flush=True)
         tb = _tensorboard(self.run_dir) if info.is_main else None
@@ -344,7 +352,8 @@ class Trainer:
                         epoch=epoch_done, best_dice=best, config=cfg.to_dict(),
                         class_names=data.class_names, label_values=data.label_values,
                         history=history, arch=cfg.model.arch,
-                        attention=cfg.model.attention, num_classes=data.num_classes, **extra)
+                        attention=cfg.model.attention, num_classes=data.num_classes,
+                        in_channels=data.in_channels, channel_names=data.channel_names, **extra)
 
         def save_mid_epoch(epoch: int, step: int, partial_stats: dict) -> None:
             """last.pt after ``step`` steps of ``epoch``: what resuming there needs (the
@@ -578,10 +587,11 @@ def _worker_init(worker_id: int) -> None:
 def _check_compatible(ckpt: dict, cfg: Config, data: PreparedData, run_dir: Path) -> None:
     """--resume must continue the same model on the same label set."""
     want = dict(arch=cfg.model.arch, attention=cfg.model.attention,
-                num_classes=data.num_classes)
+                num_classes=data.num_classes, in_channels=data.in_channels)
     for key, value in want.items():
-        if ckpt.get(key) != value:
-            raise ConfigError(f"--resume {run_dir}: the checkpoint has {key}={ckpt.get(key)!r} "
+        have = ckpt.get(key, 1 if key == "in_channels" else None)  # older runs: one channel
+        if have != value:
+            raise ConfigError(f"--resume {run_dir}: the checkpoint has {key}={have!r} "
                               f"but this run has {key}={value!r}; resume with the original "
                               "settings or start a new run with --out")
     saved = config_from_dict(ckpt["config"])

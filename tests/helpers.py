@@ -39,3 +39,17 @@ def copy_smp_scse_weights(ours, theirs) -> None:
         ours.cse.excite.fc2.bias.copy_(c2.bias)
         ours.sse.conv.weight.copy_(theirs.sSE[0].weight)
         ours.sse.conv.bias.copy_(theirs.sSE[0].bias)
+
+
+def model_from_checkpoint(run_dir: Path, in_channels: int):
+    """A 2D run's network rebuilt from its last.pt with create_model alone (no
+    scse_seg.predictor): the independent reference the by-hand prediction tests compare with."""
+    from scse_seg.models import create_model
+
+    ck = torch.load(Path(run_dir) / "last.pt", weights_only=True)
+    m = ck["config"]["model"]
+    model = create_model(m["arch"], in_channels, ck["num_classes"], m["attention"], 2,
+                         width=m["width"], reduction=m["reduction"], fusion=m["fusion"],
+                         bottleneck_attention=m["bottleneck_attention"])
+    model.load_state_dict(ck["model"])
+    return model.eval(), ck

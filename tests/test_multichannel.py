@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, ROOT
+from helpers import FAST, ROOT, model_from_checkpoint
 from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(ROOT / "eval"))
@@ -308,14 +308,7 @@ def test_test_set_channel_files_are_evaluated_and_other_channels_refused(run, nn
 def _by_hand(run_dir, a, b):
     """Labels of a 2-channel 2D run on one scan without scse_seg.predictor / inference: each
     channel z-scored by hand, coronal slices (32 x 32: no padding), argmax, label values."""
-    from scse_seg.models import create_model
-
-    ck = torch.load(run_dir / "last.pt", weights_only=True)
-    m = ck["config"]["model"]
-    model = create_model(m["arch"], 2, ck["num_classes"], m["attention"], 2, width=m["width"],
-                         reduction=m["reduction"], fusion=m["fusion"],
-                         bottleneck_attention=m["bottleneck_attention"])
-    model.load_state_dict(ck["model"])
+    model, ck = model_from_checkpoint(run_dir, 2)
     x = np.stack([_zscore(a), _zscore(b)]).astype(np.float32)  # (2, X, Y, Z)
     slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, 2, 0)))  # (Y, 2, X, Z)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, ROOT
+from helpers import FAST, ROOT, model_from_checkpoint
 
 sys.path.insert(0, str(ROOT / "eval"))
 
@@ -46,14 +46,7 @@ def run(dataset, tmp_path_factory):
 
 def _by_hand(run_dir, image_path):
     """Prediction of a 2D run on one NIfTI without scse_seg.predictor or scse_seg.inference."""
-    from scse_seg.models import create_model
-
-    ck = torch.load(run_dir / "last.pt", weights_only=True)
-    m = ck["config"]["model"]
-    model = create_model(m["arch"], 1, ck["num_classes"], m["attention"], 2, width=m["width"],
-                         reduction=m["reduction"], fusion=m["fusion"],
-                         bottleneck_attention=m["bottleneck_attention"])
-    model.load_state_dict(ck["model"])
+    model, ck = model_from_checkpoint(run_dir, 1)
     x = np.asarray(nib.load(str(image_path)).dataobj).astype(np.float32)
     x = x[..., 0] if x.ndim == 4 else x
     fg = x[x != 0]

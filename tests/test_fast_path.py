@@ -89,6 +89,45 @@ def test_all_ties_split_like_torch_maximum():
         assert max((a - b).abs().max().item() for a, b in zip(gf, ge)) < 1e-9, backend
 
 
+def test_max_route_ambiguous_marks_near_ties_where_the_gradient_jumps():
+    """A map element with g_c within 1e-7 of g_s: the max fusion's gradient jumps there (moving
+    sse's bias by 1e-5 across the tie moves a whole dy*x term between the gate gradients), so
+    comparisons of two precisions zero dy there; with that, fp32 matches fp64."""
+    torch.manual_seed(3)
+    m = _block("scse_max", 2, 2)
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    ex, conv = m.cse.excite, m.sse.conv
+    gc = torch.sigmoid(ex.fc2(torch.relu(ex.fc1(x.mean((2, 3))))))[0]  # (C,) by hand
+    dot = (conv.weight.reshape(2, 1, 1) * x[0]).sum(0)  # (H, W) bias-free sSE logit
+    with torch.no_grad():  # put g_s at pixel (0, 0) 1e-7 above g_c of channel 0
+        conv.bias.fill_((torch.logit(gc[0] + 1e-7) - dot[0, 0]).item())
+    gs = torch.sigmoid(dot + conv.bias)
+    expected = ((gc.reshape(1, 2, 1, 1) - gs.reshape(1, 1, 3, 4)).abs() < 1e-4) & (x != 0)
+    params = fast_se.module_params(m, "scse_max")
+    mask = fast_se.max_route_ambiguous(x, "scse_max", **params)
+    assert mask[0, 0, 0, 0] and torch.equal(mask, expected)
+    assert fast_se.max_route_ambiguous(x, "scse_add", **params) is None
+    dy = torch.randn_like(x)
+
+    def grads(block, xx, g):
+        xx = xx.clone().requires_grad_()
+        return torch.autograd.grad(block(xx), [xx, *block.parameters()], g)
+
+    shifted = copy.deepcopy(m)
+    with torch.no_grad():
+        shifted.sse.conv.bias -= 1e-5  # g_s ~2e-6 lower, across g_c: the routing flips
+    jump = max((a - b).abs().max().item() for a, b in zip(grads(m, x, dy), grads(shifted, x, dy)))
+    assert jump > 1e-3 * abs(dy[0, 0, 0, 0].item() * x[0, 0, 0, 0].item())
+    dy = dy.masked_fill(mask, 0)
+    ref = grads(m, x, dy)
+    m32 = copy.deepcopy(m).float()
+    x32 = x.float().requires_grad_()
+    got = torch.autograd.grad(fast_se.fast_se(x32, m32, "scse_max", "ops"),
+                              [x32, *m32.parameters()], dy.float())
+    for a, b in zip(got, ref):
+        assert (a.double() - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
 def _saved(fn, x):
     """Bytes and shapes of every tensor autograd saves for backward while ``fn(x)`` runs."""
     shapes = []

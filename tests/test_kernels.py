@@ -52,10 +52,13 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def _compare(mode, shape, layout, dy_layout=None, dtype=torch.float64, force_split=False):
+def _compare(mode, shape, layout, dy_layout=None, dtype=torch.float64, force_split=False,
+             custom_op=False):
     """Max abs difference (fused - eager) over output and all gradients, and layout checks."""
     from scse_seg import kernels
-    from scse_seg.kernels import triton_se
+    from scse_seg.kernels import ops, triton_se
+
+    ops.EAGER_FUNCTION = not custom_op
 
     torch.manual_seed(0)
     triton_se.MIN_PROGRAMS = 10 ** 6 if force_split else None
@@ -74,6 +77,7 @@ def _compare(mode, shape, layout, dy_layout=None, dtype=torch.float64, force_spl
     ye = m(xe)  # fused=False: the block's eager formulas
     ge = torch.autograd.grad(ye, [xe, *params], dy)
     err = max([(yf - ye).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(gf, ge)])
+    ops.EAGER_FUNCTION = True
     return {"err": err, "same_strides": yf.stride() == x.stride() and gf[0].stride() == x.stride(),
             "dtype_ok": yf.dtype == dtype and gf[0].dtype == dtype}
 
@@ -222,6 +226,10 @@ def worker_cases():
         for layout in ("contiguous", "channels_last"):
             cases.append((f"tiles-{mode}-{layout}", lambda m=mode, lay=layout: _compare(
                 m, (2, 70, 20, 30), lay, force_split=True)))
+    for mode, shape in (("scse_max", (3, 5, 7, 9)), ("scse_add", (2, 5, 3, 4, 5))):
+        # eager calls normally bypass the custom op (ops.EagerSE); the op itself, eagerly
+        cases.append((f"exact-custom-op-{mode}-{len(shape) - 2}d",
+                      lambda m=mode, s=shape: _compare(m, s, "contiguous", custom_op=True)))
     cases += [
         ("mixed-dy-layout-scse_max", lambda: _compare("scse_max", (3, 5, 7, 9), "channels_last",
                                                       dy_layout="contiguous")),
@@ -399,6 +407,12 @@ def test_gpu_block_uses_fused_and_matches_eager(mode, dim, dtype, channels_last)
         x = x.contiguous(memory_format=torch.channels_last if dim == 2
                          else torch.channels_last_3d)
     dy = torch.randn_like(x)
+    from scse_seg.kernels.fast_se import max_route_ambiguous, module_params
+
+    ambiguous = max_route_ambiguous(x.double(), mode, **{
+        k: v.double() for k, v in module_params(m, mode).items() if v is not None})
+    if ambiguous is not None:  # max fusion's near-ties: the routing, not the kernel, decides
+        dy = dy.masked_fill(ambiguous, 0)
     xf, xe = x.clone().requires_grad_(), x.double().requires_grad_()
     yf = m(xf)  # CUDA + fused=True: the fused path
     gf = torch.autograd.grad(yf, [xf, *m.parameters()], dy)

@@ -380,6 +380,25 @@ def fast_se(x: Tensor, module: torch.nn.Module, mode: str, backend: Optional[str
     return se_function(x, mode, **module_params(module, mode), backend=backend)
 
 
+@torch.no_grad()
+def max_route_ambiguous(x: Tensor, mode: str, fc1_w=None, fc1_b=None, fc2_w=None, fc2_b=None,
+                        sse_w=None, sse_b=None, margin: float = 1e-4) -> Optional[Tensor]:
+    """Where scSE's max fusion routes its gradient by less than ``margin`` (|g_c - g_s| <
+    margin, x != 0), as a boolean map like ``x``; None for the other modes.
+
+    ``max(x*g_c, x*g_s)`` is continuous, but its gradient jumps at ``g_c = g_s``: an element
+    routed to the other branch moves a whole ``dy * x`` term between the two gate gradients.
+    Two correct implementations whose gates differ by rounding (fp32 kernels vs an fp64
+    reference) therefore disagree there by O(1 / map size), far beyond fp32 tolerance; a
+    comparison zeroes ``dy`` at these elements (about 1e-4 of a random map)."""
+    if mode != "scse_max":
+        return None
+    _, _, gc, gs = _gates(x.detach(), mode, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b)
+    ones = [1] * (x.dim() - 2)
+    gap = (gc.reshape(*x.shape[:2], *ones) - gs.reshape(x.shape[0], 1, *x.shape[2:])).abs()
+    return (gap < margin) & (x != 0)
+
+
 def reference_se(x: Tensor, mode: str, fc1_w=None, fc1_b=None, fc2_w=None, fc2_b=None,
                  sse_w=None, sse_b=None) -> Tensor:
     """The blocks' eager formulas on plain tensors, differentiated by autograd, computed in the

@@ -69,10 +69,9 @@ def _spatial_size(x: Tensor) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("scse_seg::se_forward", mutates_args=())
-def se_forward(x: Tensor, fc1_w: Optional[Tensor], fc1_b: Optional[Tensor],
-               fc2_w: Optional[Tensor], fc2_b: Optional[Tensor], sse_w: Optional[Tensor],
-               sse_b: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_impl(x: Tensor, fc1_w: Optional[Tensor], fc1_b: Optional[Tensor],
+                  fc2_w: Optional[Tensor], fc2_b: Optional[Tensor], sse_w: Optional[Tensor],
+                  sse_b: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor, Tensor]:
     m = _mode(mode)
     mean, logit = K.squeeze(x, sse_w, m)
     gc = _mlp(mean, fc1_w, fc1_b, fc2_w, fc2_b)[1].contiguous() if mean is not None else None
@@ -83,6 +82,13 @@ def se_forward(x: Tensor, fc1_w: Optional[Tensor], fc1_b: Optional[Tensor],
     if logit is None:
         logit = x.new_empty((x.shape[0], 0), dtype=acc)
     return out, mean, logit
+
+
+@torch.library.custom_op("scse_seg::se_forward", mutates_args=())
+def se_forward(x: Tensor, fc1_w: Optional[Tensor], fc1_b: Optional[Tensor],
+               fc2_w: Optional[Tensor], fc2_b: Optional[Tensor], sse_w: Optional[Tensor],
+               sse_b: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward_impl(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mode)
 
 
 @se_forward.register_fake
@@ -98,14 +104,19 @@ def _(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mode):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("scse_seg::se_bwd_reduce", mutates_args=())
-def se_bwd_reduce(dy: Tensor, x: Tensor, gc: Optional[Tensor], logit: Optional[Tensor],
-                  sse_b: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
+def _bwd_reduce_impl(dy: Tensor, x: Tensor, gc: Optional[Tensor], logit: Optional[Tensor],
+                     sse_b: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
     m = _mode(mode)
     dgc, dgs = K.bwd_reduce(dy, x, gc, logit, sse_b, m)
     acc = K.acc_dtype(x.dtype)
     empty = x.new_empty((x.shape[0], 0), dtype=acc)
     return (dgc if dgc is not None else empty), (dgs if dgs is not None else empty.clone())
+
+
+@torch.library.custom_op("scse_seg::se_bwd_reduce", mutates_args=())
+def se_bwd_reduce(dy: Tensor, x: Tensor, gc: Optional[Tensor], logit: Optional[Tensor],
+                  sse_b: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
+    return _bwd_reduce_impl(dy, x, gc, logit, sse_b, mode)
 
 
 @se_bwd_reduce.register_fake
@@ -115,15 +126,21 @@ def _(dy, x, gc, logit, sse_b, mode):
             x.new_empty((n, _spatial_size(x) if K.has_sse(m) else 0), dtype=acc))
 
 
-@torch.library.custom_op("scse_seg::se_bwd_input", mutates_args=())
-def se_bwd_input(dy: Tensor, x: Tensor, gc: Optional[Tensor], logit: Optional[Tensor],
-                 sse_b: Optional[Tensor], dxc: Optional[Tensor], dlogit: Optional[Tensor],
-                 sse_w: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
+def _bwd_input_impl(dy: Tensor, x: Tensor, gc: Optional[Tensor], logit: Optional[Tensor],
+                    sse_b: Optional[Tensor], dxc: Optional[Tensor], dlogit: Optional[Tensor],
+                    sse_w: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
     m = _mode(mode)
     dx, dw = K.bwd_input(dy, x, gc, logit, sse_b, dxc, dlogit, sse_w, m)
     if dw is None:
         dw = x.new_empty((0,), dtype=K.acc_dtype(x.dtype))
     return dx, dw
+
+
+@torch.library.custom_op("scse_seg::se_bwd_input", mutates_args=())
+def se_bwd_input(dy: Tensor, x: Tensor, gc: Optional[Tensor], logit: Optional[Tensor],
+                 sse_b: Optional[Tensor], dxc: Optional[Tensor], dlogit: Optional[Tensor],
+                 sse_w: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
+    return _bwd_input_impl(dy, x, gc, logit, sse_b, dxc, dlogit, sse_w, mode)
 
 
 @se_bwd_input.register_fake
@@ -152,8 +169,12 @@ def _like(grad: Optional[Tensor], param: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _backward(ctx, dy, dmean_out, dlogit_out):
-    x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mean, logit = ctx.saved_tensors
-    mode = ctx.mode
+    return _backward_impl(ctx.saved_tensors, ctx.mode, dy, dmean_out, dlogit_out,
+                          se_bwd_reduce, se_bwd_input)
+
+
+def _backward_impl(saved, mode, dy, dmean_out, dlogit_out, bwd_reduce, bwd_input):
+    x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mean, logit = saved
     m = _mode(mode)
     if dy is None:
         dy = torch.zeros_like(x)
@@ -164,7 +185,7 @@ def _backward(ctx, dy, dmean_out, dlogit_out):
         if hc:
             h, gc = _mlp(mean, fc1_w, fc1_b, fc2_w, fc2_b)
             gc = gc.contiguous()
-        dgc, dgs = se_bwd_reduce(dy, x, gc, logit if hs else None, sse_b, mode)
+        dgc, dgs = bwd_reduce(dy, x, gc, logit if hs else None, sse_b, mode)
         if hc:
             # manual backward of sigmoid(fc2(relu(fc1(mean)))); see the module docstring
             dt = mean.dtype
@@ -186,8 +207,8 @@ def _backward(ctx, dy, dmean_out, dlogit_out):
                 dlogit = dlogit + dlogit_out
             dlogit = dlogit.contiguous()
             g_sse_b = dlogit.sum()
-        dx, dw = se_bwd_input(dy, x, gc, logit if hs else None, sse_b, dxc, dlogit,
-                              sse_w if hs else None, mode)
+        dx, dw = bwd_input(dy, x, gc, logit if hs else None, sse_b, dxc, dlogit,
+                           sse_w if hs else None, mode)
         if hs:
             g_sse_w = dw
     return (dx, _like(g_fc1_w, fc1_w), _like(g_fc1_b, fc1_b), _like(g_fc2_w, fc2_w),
@@ -195,6 +216,27 @@ def _backward(ctx, dy, dmean_out, dlogit_out):
 
 
 se_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerSE(torch.autograd.Function):
+    """The same forward and backward as the custom op, called directly: what eager calls use.
+
+    A ``torch.library.custom_op`` call goes through the dispatcher, its autograd wrapper and an
+    aliasing check in Python; on the H100 of bench/results/gpu that cost more host time than
+    the kernels' device time at the small maps of a network (a host-bound block is slower than
+    the eager formulas). The op stays for ``torch.compile`` / ``torch.export``, which need it."""
+
+    @staticmethod
+    def forward(ctx, x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mode):
+        out, mean, logit = _forward_impl(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mode)
+        ctx.mode = mode
+        ctx.save_for_backward(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mean, logit)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*_backward_impl(ctx.saved_tensors, ctx.mode, dy, None, None, _bwd_reduce_impl,
+                                _bwd_input_impl)[:7], None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +262,12 @@ def fused_se_function(x: Tensor, mode: str, fc1_w: Tensor | None = None,
         sse_w = sse_b = None
     if not K.has_cse(m):
         fc1_w = fc1_b = fc2_w = fc2_b = None
+    if EAGER_FUNCTION and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return EagerSE.apply(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mode)
     return se_forward(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mode)[0]
+
+
+EAGER_FUNCTION = True  # False: eager calls go through the custom op too (tests, comparison)
 
 
 def fused_cse(x: Tensor, fc1_w: Tensor, fc1_b: Tensor | None, fc2_w: Tensor,

@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None, log=print) -> dict:
         return (lambda rows: common.write_csv(rows, args.out / f"{name}.csv")) if args.out else None
 
     if args.what in ("all", "models"):
+        # no 'fast' model rows on CUDA: there the blocks' fast path is the Triton kernels
+        # (the 'fused' rows); the block table times the PyTorch fast path on any device
         cases = bench_models.model_cases(args.archs, args.attentions, fused=args.fused and cuda,
-                                         anchor=not args.no_anchor)
+                                         anchor=not args.no_anchor, fast=not cuda)
         result["models"] = bench_models.run_models(grid, cases, workload(args), args.warmup,
                                                    args.iters, log=log, on_row=saver("models"))
         sections.append("## Training step (forward + backward + AdamW)\n\n"

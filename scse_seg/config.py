@@ -173,7 +173,7 @@ class TrainConfig:
     gamma: float = 0.5  # step scheduler
     warmup_epochs: int = 0
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA, and CPU for 2D (3D on CPU stays NCHW)
     grad_clip: float | None = 5.0
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -106,3 +106,21 @@ def test_fused_check_under_triton_interpreter(tmp_path):
     checked = [r for r in rows if r["impl"] == "torch"]
     assert len(rows) == 10 and len(checked) == 5
     assert all(float(r["fused_rel_err"]) < 1e-5 for r in checked)
+
+
+def test_selfcheck_cost_bench_under_triton_interpreter(tmp_path):
+    """bench/bench_selfcheck.py (the self-check's cost on a GPU) runs end to end on CPU under
+    the Triton interpreter: one row per combination, every kernel trusted with a small error."""
+    pytest.importorskip("triton")
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_selfcheck.py"), "--device", "cpu",
+           "--modes", "scse_max", "sse", "--dims", "2", "--dtypes", "fp32", "--layouts", "nchw",
+           "channels_last", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _csv(tmp_path / "selfcheck.csv")
+    assert [(r["mode"], r["layout"]) for r in rows] == [
+        ("scse_max", "nchw"), ("sse", "nchw"), ("scse_max", "channels_last"),
+        ("sse", "channels_last")]
+    assert all(r["trusted"] == "True" and float(r["err"]) < 1e-5 for r in rows)
+    assert "| mode | dims |" in (tmp_path / "report.md").read_text()

@@ -294,6 +294,7 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
             _save_eval(cache, res, spec, time.perf_counter() - t0)
         evaluated[out] = res
     if spec.shard:  # the report needs every run: written by an invocation without --shard
+        _add_wall_time(spec.out, time.perf_counter() - t_start)  # counted in the report's total
         return spec.out
     results = [replace(evaluated[spec.config(a, t, s, f, st, b).out], arch=spec.label(a, st),
                        attention=spec.variant_label(b, t))
@@ -307,12 +308,16 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
 def _add_wall_time(out: Path, seconds: float) -> float:
     """Accumulate this invocation's wall time in out/timing.json; return the total, so that a
     grid resumed after an interruption still reports what the whole grid cost."""
+    import fcntl
+
     from .fileio import atomic_write_text
 
     f = out / "timing.json"
-    runs = json.loads(f.read_text()).get("invocations_s", []) if f.is_file() else []
-    runs.append(round(seconds, 1))
-    atomic_write_text(f, json.dumps({"invocations_s": runs, "total_s": round(sum(runs), 1)}))
+    with open(out / ".timing.lock", "w") as lock:  # shards finishing together: no lost entry
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = json.loads(f.read_text()).get("invocations_s", []) if f.is_file() else []
+        runs.append(round(seconds, 1))
+        atomic_write_text(f, json.dumps({"invocations_s": runs, "total_s": round(sum(runs), 1)}))
     return sum(runs)
 
 

@@ -263,6 +263,8 @@ def test_shards_split_a_grid_and_the_report_reuses_every_run(tiny_phantom, tmp_p
     assert compare.main(base) == 0  # the report: nothing trained again
     assert stamps == {d.name: (d / "last.pt").stat().st_mtime_ns for d in (out / "runs").iterdir()}
     assert (out / "report.md").is_file() and "report:" in capsys.readouterr().out
+    timing = json.loads((out / "timing.json").read_text())  # both shards' time, then the report's
+    assert len(timing["invocations_s"]) == 3 and timing["invocations_s"][0] > 0
     assert parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "1", "a/b", "0/0", "-1/2"):
         with pytest.raises(ConfigError, match="--shard"):

@@ -124,3 +124,39 @@ def test_selfcheck_cost_bench_under_triton_interpreter(tmp_path):
         ("sse", "channels_last")]
     assert all(r["trusted"] == "True" and float(r["err"]) < 1e-5 for r in rows)
     assert "| mode | dims |" in (tmp_path / "report.md").read_text()
+
+
+def test_thresholds_read_off_a_block_table(tmp_path, capsys):
+    """bench/thresholds.py: per mode, the smallest map from which the fast path never loses, in
+    any layout or table; 0 when it never loses. Hand-made tables, expected values by hand."""
+    from bench import thresholds
+
+    def table(path, rows):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["variant", "impl", "shape", "layout", "fb_us"])
+            w.writeheader()
+            for variant, shape, layout, eager, fast in rows:
+                w.writerow(dict(variant=variant, impl="torch", shape=shape, layout=layout,
+                                fb_us=eager))
+                w.writerow(dict(variant=variant, impl="fast", shape=shape, layout=layout,
+                                fb_us=fast))
+        return str(path)
+
+    a = table(tmp_path / "a.csv", [
+        ("cse", "2×64×8×8", "nchw", 100, 150),  # 8192 elements: loses
+        ("cse", "2×64×16×16", "nchw", 300, 200),  # 32768: wins
+        ("cse", "2×64×16×16", "channels_last", 300, 310),  # ... but not in the other layout
+        ("cse", "2×64×32×32", "nchw", 900, 500),  # 131072: wins
+        ("sse", "2×64×8×8", "nchw", 100, 120),
+        ("sse", "2×64×16×16", "nchw", 300, 200),
+        ("scse_max", "2×64×8×8", "nchw", 100, 50),
+        ("scse_max", "2×64×16×16", "nchw", 300, 100),
+        ("scse_add", "2×64×8×8", "nchw", 100, 50),
+        ("scse_add", "2×64×16×16", "nchw", 300, 100)])
+    b = table(tmp_path / "b.csv", [("scse_add", "2×64×16×16", "nchw", 300, 301)])  # a rerun
+    assert thresholds.thresholds([dict(r, table=0) for r in csv.DictReader(open(a))])[0] == \
+        {"cse": 131072, "sse": 32768, "scse_max": 0, "scse_add": 0}
+    assert thresholds.main([a, b]) == 0
+    # a loss in either table counts; scse_add lost at its largest map (32768): above every map
+    assert "{'cse': 131072, 'sse': 32768, 'scse_max': 0, 'scse_add': 32769}" in \
+        capsys.readouterr().out

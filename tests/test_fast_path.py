@@ -160,6 +160,32 @@ def test_blocks_default_to_fast_path_and_switch_off(monkeypatch):
     assert "SEFunction" not in type(m(x).grad_fn).__name__  # plain eager formulas
 
 
+def test_small_maps_take_the_eager_formulas_on_cpu(monkeypatch):
+    """Below fast_se.MIN_ELEMENTS (map elements) a block runs its eager formulas; from it on,
+    the fast path. conftest sets SCSE_SEG_FAST_MIN=0 for the rest of the suite."""
+    monkeypatch.delenv("SCSE_SEG_FAST_MIN", raising=False)
+    monkeypatch.setenv("SCSE_SEG_FAST", "ops")
+    for mode in MODES:
+        assert fast_se.min_elements(mode) == fast_se.MIN_ELEMENTS["ops"][mode]
+    monkeypatch.setitem(fast_se.MIN_ELEMENTS["ops"], "scse_max", 2 * 4 * 6 * 6)
+    m = ConcurrentSE(4, 2)
+    at = torch.randn(2, 4, 6, 6, requires_grad=True)  # 288 elements: the threshold itself
+    below = torch.randn(2, 4, 6, 5, requires_grad=True)  # 240
+    assert "SEFunction" in type(m(at).grad_fn).__name__
+    assert "SEFunction" not in type(m(below).grad_fn).__name__
+    y = m(below)  # the eager result is the block's, gradients included
+    ref = copy.deepcopy(m)
+    ref.fused = False
+    assert torch.equal(y, ref(below))
+    monkeypatch.setenv("SCSE_SEG_FAST_MIN", "1000")  # the override wins over the table
+    assert "SEFunction" not in type(m(at).grad_fn).__name__
+    monkeypatch.setenv("SCSE_SEG_FAST_MIN", "0")
+    assert "SEFunction" in type(m(below).grad_fn).__name__
+    monkeypatch.setenv("SCSE_SEG_FAST_MIN", "many")
+    with pytest.raises(ValueError, match="SCSE_SEG_FAST_MIN"):
+        m(at)
+
+
 @pytest.mark.parametrize("backend", ["ops", "compile"])
 def test_autocast_bf16_on_cpu(backend, monkeypatch):
     monkeypatch.setenv("SCSE_SEG_FAST", backend)

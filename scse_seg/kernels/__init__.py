@@ -10,7 +10,8 @@
   ``torch.compile`` / ``torch.export`` / ``torch.jit`` trace the model (the compiler fuses the
   plain formulas; exporters see standard ops), and off the Triton path when no gradient is
   wanted (inference: the fast path's gain is in what it saves for backward and in backward;
-  its compiled steps would cost a compilation per predict process).
+  its compiled steps would cost a compilation per predict process), and on CPU for maps smaller
+  than :data:`.fast_se.MIN_ELEMENTS` (where the eager formulas measured faster).
 
 The Triton kernels:
 
@@ -141,4 +142,6 @@ def se(x: torch.Tensor, mode: str, params: dict) -> torch.Tensor | None:
     if not (torch.is_grad_enabled()
             and (x.requires_grad or any(p is not None and p.requires_grad for p in params.values()))):
         return None  # inference: nothing is saved for backward; no compile for a predict call
+    if x.device.type == "cpu" and x.numel() < fast_se.min_elements(mode):
+        return None  # small map: the eager formulas cost less per call (fast_se.MIN_ELEMENTS)
     return fast_se.se_function(x, mode, **params)

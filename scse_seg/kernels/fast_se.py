@@ -41,6 +41,34 @@ BACKENDS = ("ops", "compile")
 DEFAULT_BACKEND = "ops"
 
 
+# Smallest map (N*C*spatial elements) for which the fast path beats the blocks' eager formulas
+# forward+backward on CPU, per backend and mode; below it a block runs its eager formulas. Small
+# maps cost the fixed per-call overhead of autograd and dispatch, where the Function's extra
+# steps lose, and save little for backward either way (eager cSE and sSE keep one map, like the
+# fast path). Read off the block tables (fp32, the architectures' map shapes, both layouts,
+# 2-core CPU) by bench/thresholds.py: ops from bench/results/cpu-ops and cpu-ops-rerun, compile
+# from bench/results/cpu; 0 = the fast path won at every measured map (8192 to 2.1M elements).
+# ``SCSE_SEG_FAST_MIN=<elements>`` overrides every entry (0: the fast path at every size).
+MIN_ELEMENTS = {
+    "ops": {"cse": 2097152, "sse": 131072, "scse_max": 0, "scse_add": 0},
+    "compile": {"cse": 2097152, "sse": 1048576, "scse_max": 0, "scse_add": 32768},
+}
+
+
+def min_elements(mode: str, backend: Optional[str] = None) -> int:
+    """The map size from which a block on CPU takes the fast path (see :data:`MIN_ELEMENTS`)."""
+    raw = os.environ.get("SCSE_SEG_FAST_MIN", "").strip()
+    if raw:
+        try:
+            value = int(float(raw))
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"SCSE_SEG_FAST_MIN={raw!r} must be a number of map elements >= 0")
+        return value
+    return MIN_ELEMENTS[backend or backend_name()][mode]
+
+
 def backend_name() -> str:
     """The backend ``SCSE_SEG_FAST`` asks for (default ``ops``)."""
     name = os.environ.get("SCSE_SEG_FAST", DEFAULT_BACKEND).strip().lower() or DEFAULT_BACKEND

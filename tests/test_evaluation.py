@@ -163,10 +163,11 @@ def test_report_numbers_recomputed_independently(grid):
         mean, std = (float(x) for x in cells[1].split("±"))
         assert mean == pytest.approx(per_vol[attn].mean(), abs=6e-5)
         assert std == pytest.approx(per_vol[attn].std(ddof=1), abs=6e-5)
-        hd_mean = float(cells[7].split("±")[0])  # after Δ, p, CI of Δ, structures improved
+        hd_mean = float(cells[8].split("±")[0])  # after Δ, p, CI, volumes better, structures
         assert hd_mean == pytest.approx(np.mean(hd95[attn]), abs=6e-3)
-        assert cells[9] == f"{penalised[attn][0]}/{penalised[attn][1]}"
+        assert cells[10] == f"{penalised[attn][0]}/{penalised[attn][1]}"
     cells = _report_row(report, "scse")
+    assert cells[6] == f"{int(np.sum(per_vol['scse'] > per_vol['none']))} of 2"  # volumes better
     assert float(cells[3]) == pytest.approx(100 * (per_vol["scse"].mean() - per_vol["none"].mean()),
                                             abs=6e-3)
     d = per_vol["scse"] - per_vol["none"]

@@ -87,6 +87,7 @@ def summary_rows(results) -> list[dict]:
                        p=wilcoxon_p(scores, base_scores) if compared else math.nan,
                        ci=bootstrap_ci(scores, base_scores) if compared else (math.nan, math.nan),
                        structures_improved=_improved(structs[arch], attn) if compared else None,
+                       volumes_better=_better(scores, base_scores) if compared else None,
                        params=runs[0].params,
                        overhead=(runs[0].params / base_params - 1) if base_params else math.nan,
                        train_s=float(np.mean([r.train_seconds for r in runs])),
@@ -98,6 +99,13 @@ def summary_rows(results) -> list[dict]:
                 row["penalised"] = surface_penalised(runs)
             out.append(row)
     return out
+
+
+def _better(scores: dict, base: dict) -> tuple[int, int]:
+    """(volumes where the variant's Dice is higher than the vanilla network's, volumes paired):
+    the sign count behind the Wilcoxon test, which a reader checks at a glance."""
+    common = [v for v in scores if v in base and np.isfinite(scores[v]) and np.isfinite(base[v])]
+    return sum(scores[v] > base[v] for v in common), len(common)
 
 
 def _improved(by_attn: dict, attn: str) -> tuple[int, int]:
@@ -166,8 +174,9 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
       "prediction, averaged over seeds; mean ± std over volumes. Δ: difference to `none` of the "
       "same architecture in Dice points (×100). p: two-sided Wilcoxon signed-rank test vs `none` "
       "on the per-volume Dice (* p < 0.05). 95% CI: percentile bootstrap of the mean Δ over "
-      "volumes (10,000 resamples). Structures improved: structures whose mean Dice is higher "
-      "than with `none`, of those scored. Training time: sum of the epochs' training time "
+      "volumes (10,000 resamples). Volumes better: volumes whose Dice is higher than with `none` "
+      "(the sign count behind the Wilcoxon test). Structures improved: structures whose mean "
+      "Dice is higher than with `none`, of those scored. Training time: sum of the epochs' training time "
       "(validation excluded), mean over seeds. Inference: whole-volume prediction time.\n")
     if surface:
         w("\nHD95 / ASD (mm): per volume, the mean over the same structures as Dice; a structure "
@@ -178,22 +187,23 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
     compared = [r for r in rows if r["attention"] != "none"]
     if len({r["arch"] for r in compared}) > 1:  # several networks or settings: one overview
         w("\n## Summary: every variant against its vanilla network\n\n"
-          "| network | variant | Dice | Δ vs none | 95% CI of Δ | Wilcoxon p | "
-          "structures improved |\n|---|---|---|---|---|---|---|\n")
+          "| network | variant | Dice | Δ vs none | 95% CI of Δ | Wilcoxon p | volumes better | "
+          "structures improved |\n|---|---|---|---|---|---|---|---|\n")
         for r in compared:
-            imp = r["structures_improved"]
+            imp, bet = r["structures_improved"], r["volumes_better"]
             w(f"| {r['arch']} | {r['attention']} | {_fmt(r['dice_mean'])} | "
               f"{100 * r['delta']:+.2f} | [{100 * r['ci'][0]:+.2f}, {100 * r['ci'][1]:+.2f}] | "
-              f"{_p(r['p'])} | {f'{imp[0]} of {imp[1]}' if imp else '—'} |\n")
+              f"{_p(r['p'])} | {f'{bet[0]} of {bet[1]}' if bet else '—'} | "
+              f"{f'{imp[0]} of {imp[1]}' if imp else '—'} |\n")
     for arch in _ordered(results, "arch"):
         arows = [r for r in rows if r["arch"] == arch]
         best = max((r["dice_mean"] for r in arows if np.isfinite(r["dice_mean"])), default=None)
         w(f"\n## {arch}\n\n")
         head = ["variant", "Dice mean ± std", "per-seed means", "Δ vs none", "Wilcoxon p",
-                "95% CI of Δ", "structures improved", "parameters", "overhead", "train time (s)",
-                "inference (s/volume)"]
+                "95% CI of Δ", "volumes better", "structures improved", "parameters", "overhead",
+                "train time (s)", "inference (s/volume)"]
         if surface:
-            head[7:7] = ["HD95 (mm)", "ASD (mm)", "missed/FP"]
+            head[8:8] = ["HD95 (mm)", "ASD (mm)", "missed/FP"]
         w("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
         for r in arows:
             dice = f"{_fmt(r['dice_mean'])} ± {_fmt(r['dice_std'])}"
@@ -204,13 +214,15 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
                      "—" if r["attention"] == "none" else _p(r["p"]),
                      "—" if r["attention"] == "none" else
                      f"[{100 * r['ci'][0]:+.2f}, {100 * r['ci'][1]:+.2f}]",
+                     "—" if not r["volumes_better"] else
+                     f"{r['volumes_better'][0]} of {r['volumes_better'][1]}",
                      "—" if not r["structures_improved"] else
                      f"{r['structures_improved'][0]} of {r['structures_improved'][1]}",
                      f"{r['params']:,}",
                      "—" if r["attention"] == "none" else f"{100 * r['overhead']:+.2f}%",
                      f"{r['train_s']:.0f}", f"{r['infer_s']:.3f}"]
             if surface:
-                cells[7:7] = [f"{_fmt(r['hd95'][0], '.2f')} ± {_fmt(r['hd95'][1], '.2f')}",
+                cells[8:8] = [f"{_fmt(r['hd95'][0], '.2f')} ± {_fmt(r['hd95'][1], '.2f')}",
                               f"{_fmt(r['asd'][0], '.2f')} ± {_fmt(r['asd'][1], '.2f')}",
                               f"{r['penalised'][0]}/{r['penalised'][1]}"]
             w("| " + " | ".join(cells) + " |\n")

@@ -134,7 +134,8 @@ def test_crossvalidated_grid_tests_every_subject_once(tiny_phantom, tmp_path):
         assert cells[4].rstrip(" *") == f"{p:.2g}"
     lo, hi = map(float, re.match(r"\[(\S+), (\S+)\]", cells[5]).groups())
     assert lo <= 100 * d.mean() + 0.006 and 100 * d.mean() - 0.006 <= hi
-    assert re.fullmatch(r"\d+ of 10", cells[6])
+    assert cells[6] == f"{int(np.sum(d > 0))} of 4"  # volumes better: the sign count
+    assert re.fullmatch(r"\d+ of 10", cells[7])  # structures improved
 
 
 def test_sweep_crosses_values_and_reuses_the_vanilla_run(tiny_phantom, tmp_path):

@@ -5,6 +5,7 @@
     python bench/run.py models --device cpu --out bench/results/cpu
     python bench/run.py blocks --device cuda --dtype bf16
     python bench/run.py family --device cpu --out bench/results/cpu   # issue 14's blocks
+    python bench/run.py overhead --device cpu --layout nchw channels_last  # paired step overhead
 
 Writes ``report.md`` (settings, environment and the tables) and ``models.csv`` / ``blocks.csv``
 into ``--out``; the report is printed as well. See bench/README.md.
@@ -154,6 +155,10 @@ def main(argv: list[str] | None = None, log=print) -> dict:
         from bench import bench_family
 
         return bench_family.main(argv[1:], log=log)
+    if argv[:1] == ["overhead"]:  # scSE's step overhead from paired rounds: see bench_overhead
+        from bench import bench_overhead
+
+        return bench_overhead.main(argv[1:], log=log)
     args = resolve(parser().parse_args(argv))
     grid = settings(args)
     cuda = torch.device(args.device).type == "cuda"

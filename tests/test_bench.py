@@ -160,3 +160,87 @@ def test_thresholds_read_off_a_block_table(tmp_path, capsys):
     # a loss in either table counts; scse_add lost at its largest map (32768): above every map
     assert "{'cse': 131072, 'sse': 32768, 'scse_max': 0, 'scse_add': 32769}" in \
         capsys.readouterr().out
+
+
+# --- paired step overhead (bench/bench_overhead.py) ------------------------------------------
+
+
+def test_median_ci_uses_the_binomial_order_statistics():
+    from bench.bench_overhead import median_ci
+
+    xs = list(range(20, 0, -1))  # 1..20, unsorted
+    # n = 20: P(Bin(20, 1/2) <= 5) = 0.0207 <= 0.025 < P(<= 6) = 0.0577 -> (x_(6), x_(15))
+    assert median_ci(xs) == (6, 15)
+    # n = 6: P(Bin <= 0) = 1/64 <= 0.025 < P(<= 1) = 7/64 -> (min, max)
+    assert median_ci([3, 1, 2, 6, 5, 4]) == (1, 6)
+    with pytest.raises(ValueError):  # n = 5: P(Bin <= 0) = 1/32 > 0.025, no interval
+        median_ci([1, 2, 3, 4, 5])
+
+
+def test_rotated_rounds_give_every_case_every_position():
+    from bench.bench_overhead import paired_rounds, rotations
+
+    orders = rotations(3, 6)
+    assert orders[:3] == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+    for case in range(3):
+        assert sorted(o.index(case) for o in orders) == [0, 0, 1, 1, 2, 2]
+    calls = []
+    times = paired_rounds([lambda: calls.append("a"), lambda: calls.append("b")], 2,
+                          lambda fn: (fn(), float(len(calls)))[1])
+    assert calls == ["a", "b", "b", "a"]  # round 1 a, b; round 2 b, a
+    assert times == [[1.0, 2.0], [4.0, 3.0]]
+
+
+def test_overhead_summary_is_the_median_of_per_round_ratios():
+    from bench.bench_overhead import summarise
+
+    # none 10 ms every round; the variant's ratios 1.1 1.2 .9 1.05 1.3 1.0 1.15
+    variant = [11, 12, 9, 10.5, 13, 10, 11.5]
+    base, row = summarise([[10.0, v] for v in variant])
+    assert base == {"rounds": 7, "ms": 10.0}
+    assert row["ms"] == 11
+    assert row["overhead_pct"] == pytest.approx(10.0)  # sorted ratios' 4th: 1.1
+    assert row["ci_lo_pct"] == pytest.approx(-10.0) and row["ci_hi_pct"] == pytest.approx(30.0)
+    assert row["slower_rounds"] == "5 of 7"
+    # a drift that slows both steps of a round alike leaves the ratios, and so the result, alone
+    drift = summarise([[10.0 * f, v * f] for v, f in zip(variant, (1, 3, 1, 2, 1, 5, 1))])[1]
+    assert drift["overhead_pct"] == pytest.approx(10.0)
+
+
+def test_overhead_command_writes_a_row_per_variant(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        result = run.main(["overhead", "--device", "cpu", "--archs", "sdnet", "--rounds", "6",
+                           "--warmup", "1", "--size", "32", "--width", "8", "--classes", "3",
+                           "--encoder", "efficientnet-b0", "--threads", "1", "--eager",
+                           "--out", str(tmp_path)], log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    rows = _csv(tmp_path / "overhead.csv")
+    assert [(r["arch"].split()[0], r["attention"], r["impl"]) for r in rows] == [
+        ("sdnet", "none", "torch"), ("sdnet", "scse", "fast"), ("sdnet", "scse", "torch"),
+        ("smp.Unet(efficientnet-b0)", "none", "smp"), ("smp.Unet(efficientnet-b0)", "scse", "smp")]
+    for r in result["rows"]:
+        assert r["rounds"] == 6 and r["ms"] > 0
+        if r["attention"] != "none":
+            assert r["ci_lo_pct"] <= r["overhead_pct"] <= r["ci_hi_pct"]
+    assert "median of rounds" in (tmp_path / "overhead.md").read_text()
+
+
+def test_chunk_bench_times_every_chunk_size_beside_eager_and_smp(tmp_path):
+    from bench import bench_chunks
+
+    threads = torch.get_num_threads()
+    try:
+        result = bench_chunks.main(["--shape", "2,16,8,8", "--layout", "nchw", "channels_last",
+                                    "--chunks", "0", "64", "--rounds", "1", "--iters", "1",
+                                    "--threads", "1", "--out", str(tmp_path)], log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["elements"] for r in result["cache"]] == list(bench_chunks.SIZES)
+    got = {(r["layout"], r["mode"], r["variant"]) for r in _csv(tmp_path / "chunks.csv")}
+    expected = {(lay, m, v) for lay in ("nchw", "channels_last") for m in bench_chunks.MODES
+                for v in ("chunk 0", "chunk 64", "eager")}
+    assert got == expected | {(lay, "scse_add", "smp SCSEModule") for lay in ("nchw", "channels_last")}
+    assert all(r["vs_unchunked"] == 1 for r in result["chunks"] if r["variant"] == "chunk 0")
+    assert os.environ.get("SCSE_SEG_CHUNK") is None  # the override is put back

@@ -66,6 +66,36 @@ def test_ops_backend_matches_eager(mode, dim, layout):
     assert _compare(mode, dim, layout, "ops", torch.float32) < 1e-4
 
 
+@pytest.mark.parametrize("chunk", [15, 500])  # 1 position per chunk; 33 positions
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", MODES)
+def test_ops_backend_in_chunks_matches_eager(mode, layout, chunk, monkeypatch):
+    """The ops backend cut into many chunks (cSE's gate gradient summed across them, sSE's
+    weight gradient too): still the eager result. 2D 3x5x7x9 (N*C = 15 per position, 63
+    positions): a chunk of 15 elements is 1 position (63 chunks), one of 500 is 33 positions
+    (2 chunks, the second of 30)."""
+    from scse_seg.kernels import chunked_se
+
+    monkeypatch.setenv("SCSE_SEG_CHUNK", str(chunk))
+    assert chunked_se.positions_per_chunk(3, 5, 63, chunk) == (1 if chunk == 15 else 33)
+    assert _compare(mode, 2, layout, "ops") < 1e-6
+    assert _compare(mode, 3, layout, "ops", torch.float32) < 1e-4
+
+
+def test_ops_backend_takes_a_gradient_in_another_layout(monkeypatch):
+    """dy in NCHW for a channels_last map (and the reverse): dx keeps the map's layout."""
+    monkeypatch.setenv("SCSE_SEG_CHUNK", "40")
+    torch.manual_seed(1)
+    m = _block("scse_max", 5, 2)
+    for x_layout, dy_layout in (("channels_last", "contiguous"), ("contiguous", "channels_last")):
+        x = _layout(torch.randn(SHAPES[2], dtype=torch.float64), x_layout)
+        dy = _layout(torch.randn(SHAPES[2], dtype=torch.float64), dy_layout)
+        xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (gf,) = torch.autograd.grad(fast_se.fast_se(xf, m, "scse_max", "ops"), [xf], dy)
+        (ge,) = torch.autograd.grad(m(xe), [xe], dy)
+        assert gf.stride() == x.stride() and (gf - ge).abs().max() < 1e-9
+
+
 @pytest.mark.parametrize("mode,dim,layout", [("scse_max", 2, "contiguous"),
                                              ("scse_add", 3, "channels_last"),
                                              ("sse", 2, "channels_last")])
@@ -186,9 +216,11 @@ def test_small_maps_take_the_eager_formulas_on_cpu(monkeypatch):
         m(at)
 
 
-@pytest.mark.parametrize("backend", ["ops", "compile"])
-def test_autocast_bf16_on_cpu(backend, monkeypatch):
+@pytest.mark.parametrize("backend,chunk", [("ops", "0"), ("ops", "100"), ("compile", "0")])
+def test_autocast_bf16_on_cpu(backend, chunk, monkeypatch):
     monkeypatch.setenv("SCSE_SEG_FAST", backend)
+    monkeypatch.setenv("SCSE_SEG_CHUNK", chunk)  # 100: 20 chunks of 6 positions (gradients
+    #                                              summed over chunks in fp32, not bf16)
     torch.manual_seed(0)
     m = ConcurrentSE(8, 2)
     ref = copy.deepcopy(m)

@@ -12,8 +12,9 @@ scse_add, 2D and 3D, NCHW and channels_last:
 
 Two backends do the map-sized work, picked by ``SCSE_SEG_FAST`` (``ops`` or ``compile``):
 
-* ``ops``: hand-written torch ops that write into preallocated buffers (a few passes per step,
-  no compiler needed, nothing to warm up);
+* ``ops`` (:mod:`.chunked_se`): plain torch ops run over L2-sized chunks of the map, so the
+  intermediates stay in cache and memory sees x, dy and the outputs about as often as a fused
+  kernel would read them (no compiler needed, nothing to warm up);
 * ``compile``: the same three map-sized steps (excite, gate-gradient reduction, input gradient)
   as plain formulas compiled by ``torch.compile`` (inductor emits one vectorised C++ loop per
   step on CPU); the first call per mode/dtype/layout compiles (seconds), later calls are cheap.
@@ -33,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import chunked_se
+
 MODES = ("cse", "sse", "scse_max", "scse_add")
 BACKENDS = ("ops", "compile")
 # "ops" by default: the compiled backend makes the blocks faster (bench/README.md) but its first
@@ -46,11 +49,13 @@ DEFAULT_BACKEND = "ops"
 # maps cost the fixed per-call overhead of autograd and dispatch, where the Function's extra
 # steps lose, and save little for backward either way (eager cSE and sSE keep one map, like the
 # fast path). Read off the block tables (fp32, the architectures' map shapes, both layouts,
-# 2-core CPU) by bench/thresholds.py: ops from bench/results/cpu-ops and cpu-ops-rerun, compile
-# from bench/results/cpu; 0 = the fast path won at every measured map (8192 to 2.1M elements).
-# ``SCSE_SEG_FAST_MIN=<elements>`` overrides every entry (0: the fast path at every size).
+# 2-core CPU) by bench/thresholds.py: ops (chunked, chunked_se) from bench/results/cpu-ops and
+# cpu-ops-rerun, compile from bench/results/cpu. 2097153 (one past the largest map measured):
+# the fast path never won in every layout (ops sSE lost in channels_last at 2x64x128^2, where
+# its chunked channel contraction is a slow matrix-vector product; eager sSE saves the same one
+# map). ``SCSE_SEG_FAST_MIN=<elements>`` overrides every entry (0: the fast path at every size).
 MIN_ELEMENTS = {
-    "ops": {"cse": 2097152, "sse": 131072, "scse_max": 0, "scse_add": 0},
+    "ops": {"cse": 2097152, "sse": 2097153, "scse_max": 32768, "scse_add": 262144},
     "compile": {"cse": 2097152, "sse": 1048576, "scse_max": 0, "scse_add": 32768},
 }
 
@@ -128,7 +133,8 @@ def spatial_dot(x: Tensor, v: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# the map-sized steps: plain formulas (compiled, and the reference) ...
+# the compile backend's map-sized steps: plain formulas (compiled; run as they are if compiling
+# fails)
 # --------------------------------------------------------------------------------------------
 
 
@@ -150,20 +156,19 @@ def excite_plain(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], mode: st
 
 def reduce_plain(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], mode: str,
                  dims: tuple[int, ...], acc: torch.dtype):
-    """(d g_c (N, C), d g_s (N, *spatial)) in ``acc``, None for an absent gate; and an auxiliary
-    map for the input-gradient step (the ops backend's routing signs; None here)."""
+    """(d g_c (N, C), d g_s (N, *spatial)) in ``acc``, None for an absent gate."""
     e = (dy * x).to(acc)
     if mode == "scse_max":
         wa = _route(x, gc, gs)
         ec = e * wa
-        return ec.sum(dims), (e - ec).sum(1), None
-    return (e.sum(dims) if _has_c(mode) else None), (e.sum(1) if _has_s(mode) else None), None
+        return ec.sum(dims), (e - ec).sum(1)
+    return (e.sum(dims) if _has_c(mode) else None), (e.sum(1) if _has_s(mode) else None)
 
 
 def input_plain(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
                 dxc: Optional[Tensor], dlogit: Optional[Tensor], w: Optional[Tensor],
-                mode: str, aux: Optional[Tensor] = None) -> Tensor:
-    """dx = dy * (routed gate) + dxc[n, c] + dlogit[n, p] * w[c]. (``aux``: unused here.)"""
+                mode: str) -> Tensor:
+    """dx = dy * (routed gate) + dxc[n, c] + dlogit[n, p] * w[c]."""
     if mode == "cse":
         gate = gc
     elif mode == "sse":
@@ -179,65 +184,6 @@ def input_plain(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor
     if dlogit is not None:
         dx = dx + dlogit * w
     return dx.to(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# ... and the same steps as torch ops writing into preallocated maps (the ``ops`` backend)
-# --------------------------------------------------------------------------------------------
-
-
-def _sign_route(x: Tensor, gc: Tensor, gs: Tensor) -> Tensor:
-    """k = sign(x*g_c - x*g_s) in {-1, 0, 1}: the routing weight is (1 + k) / 2 (ties 1/2)."""
-    k = torch.mul(x, gc, out=torch.empty_like(x))
-    k.sub_(x * gs)
-    return k.sign_()
-
-
-def excite_ops(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], mode: str) -> Tensor:
-    out = torch.empty_like(x)
-    if mode == "cse":
-        return torch.mul(x, gc, out=out)
-    if mode == "sse":
-        return torch.mul(x, gs, out=out)
-    if mode == "scse_add":
-        torch.add(gc, gs, out=out)
-        return out.mul_(x)
-    torch.mul(x, gc, out=out)
-    return torch.maximum(out, x * gs, out=out)
-
-
-def reduce_ops(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], mode: str,
-               dims: tuple[int, ...], acc: torch.dtype):
-    e = torch.mul(dy, x, out=torch.empty_like(x))
-    if mode == "scse_max":
-        k = _sign_route(x, gc, gs)
-        sc, ss = e.sum(dims, dtype=acc), e.sum(1, dtype=acc)
-        ek = e.mul_(k)
-        kc, ks = ek.sum(dims, dtype=acc), ek.sum(1, dtype=acc)
-        return (sc + kc) * 0.5, (ss - ks) * 0.5, k  # k: reused by input_ops
-    return (e.sum(dims, dtype=acc) if _has_c(mode) else None,
-            e.sum(1, dtype=acc) if _has_s(mode) else None, None)
-
-
-def input_ops(dy: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
-              dxc: Optional[Tensor], dlogit: Optional[Tensor], w: Optional[Tensor],
-              mode: str, k: Optional[Tensor] = None) -> Tensor:
-    dx = torch.empty_like(x)
-    if mode == "scse_max":
-        # routed gate: (g_c + g_s)/2 + k (g_c - g_s)/2, written over k (from reduce_ops)
-        k = _sign_route(x, gc, gs) if k is None else k
-        gate = k.mul_((gc - gs) * 0.5).add_((gc + gs) * 0.5)
-    elif mode == "scse_add":
-        gate = gc + gs
-    else:
-        gate = gc if mode == "cse" else gs
-    if dlogit is not None and dxc is not None:
-        torch.addcmul(dxc, dlogit, w, out=dx)
-        return dx.addcmul_(dy, gate)
-    if dxc is not None:
-        return torch.addcmul(dxc, dy, gate, out=dx)
-    torch.mul(dy, gate, out=dx)
-    return dx.addcmul_(dlogit, w)
 
 
 _COMPILED: dict = {}
@@ -256,9 +202,9 @@ def _compiled(fn, key: tuple):
     return _COMPILED[k]
 
 
-def _fallback(fn_ops, fn_plain, key):
-    """Run the compiled step; if compiling fails (no C++ compiler, ...), warn once and use the
-    ``ops`` backend for the rest of the process."""
+def _fallback(fn_plain, key):
+    """Run the compiled step; if compiling fails (no C++ compiler, ...), warn once and run the
+    plain formulas for this call; later calls take the ``ops`` backend (:func:`se_function`)."""
     def run(*args):
         if not _COMPILE_FAILED:
             try:
@@ -268,16 +214,15 @@ def _fallback(fn_ops, fn_plain, key):
                 warnings.warn("scse_seg: torch.compile of the SE fast path failed "
                               f"({_COMPILE_FAILED[0]}); using SCSE_SEG_FAST=ops instead",
                               RuntimeWarning, stacklevel=2)
-        return fn_ops(*args)
+        return fn_plain(*args)
     return run
 
 
-def _steps(backend: str, x: Tensor, mode: str):
-    if backend == "compile":
-        key = (mode, x.dim(), x.dtype, _channels_last(x))
-        return (_fallback(excite_ops, excite_plain, key), _fallback(reduce_ops, reduce_plain, key),
-                _fallback(input_ops, input_plain, key))
-    return excite_ops, reduce_ops, input_ops
+def _compiled_steps(x: Tensor, mode: str):
+    """The ``compile`` backend's three map-sized steps (excite, reduce, input gradient)."""
+    key = (mode, x.dim(), x.dtype, _channels_last(x))
+    return (_fallback(excite_plain, key), _fallback(reduce_plain, key),
+            _fallback(input_plain, key))
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +262,18 @@ def _gates(x: Tensor, mode: str, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b):
     return mean, h, gc, gs
 
 
+def _mlp_backward(dgc: Tensor, x: Tensor, mean: Tensor, h: Tensor, gc: Tensor, fc1_w: Tensor,
+                  fc2_w: Tensor):
+    """Backward of ``g_c = sigmoid(fc2(relu(fc1(mean))))`` by hand, from ``d g_c`` (N, C):
+    (d fc1_w, d fc1_b, d fc2_w, d fc2_b, the input gradient's per-channel term (N, C))."""
+    acc = dgc.dtype
+    dz = dgc * gc * (1 - gc)
+    d_fc2_w, d_fc2_b = dz.t() @ torch.relu(h), dz.sum(0)
+    dh = (dz @ fc2_w.to(acc)) * (h > 0)
+    return (dh.t() @ mean, dh.sum(0), d_fc2_w, d_fc2_b,
+            dh @ fc1_w.to(acc) / math.prod(x.shape[2:]))
+
+
 def _no_autocast(x: Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
@@ -327,10 +284,18 @@ class SEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mode, backend):
         with _no_autocast(x):
-            mean, h, gc, gs = _gates(x, mode, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b)
-            excite = _steps(backend, x, mode)[0]
-            out = excite(x, None if gc is None else _gate_view(gc, x, True),
-                         None if gs is None else _gate_view(gs, x, False), mode)
+            if backend == "ops":  # squeeze, gates and excitation chunk by chunk
+                mean = h = gc = None
+                acc = acc_dtype(x.dtype)
+                if _has_c(mode):
+                    mean = x.mean(tuple(range(2, x.dim())), dtype=acc)
+                    h, gc = _mlp(mean, fc1_w, fc1_b, fc2_w, fc2_b)
+                out, gs = chunked_se.forward(x, mode, gc, sse_w, sse_b, acc)
+            else:
+                mean, h, gc, gs = _gates(x, mode, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b)
+                excite = _compiled_steps(x, mode)[0]
+                out = excite(x, None if gc is None else _gate_view(gc, x, True),
+                             None if gs is None else _gate_view(gs, x, False), mode)
         ctx.mode, ctx.backend = mode, backend
         ctx.save_for_backward(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mean, h, gc, gs)
         return out
@@ -340,10 +305,24 @@ class SEFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, mean, h, gc, gs = ctx.saved_tensors
         mode = ctx.mode
-        _, reduce, grad_input = _steps(ctx.backend, x, mode)
         acc = acc_dtype(x.dtype)
-        dims = tuple(range(2, x.dim()))
         g = [None] * 6  # fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b
+        params = (fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b)
+
+        def channel_term(dgc):  # cSE's MLP backward: parameter grads, and dx's (N, C) term
+            g[0], g[1], g[2], g[3], dxc = _mlp_backward(dgc, x, mean, h, gc, fc1_w, fc2_w)
+            return dxc
+
+        if ctx.backend == "ops":
+            with _no_autocast(x):
+                dx, dl, dw = chunked_se.backward(dy, x, mode, gc, gs, sse_w, acc, channel_term)
+            if dl is not None:
+                g[4], g[5] = dw, dl.sum()
+            grads = [None if gr is None or p is None else gr.reshape(p.shape).to(p.dtype)
+                     for gr, p in zip(g, params)]
+            return (dx, *grads, None, None)
+        _, reduce, grad_input = _compiled_steps(x, mode)
+        dims = tuple(range(2, x.dim()))
         dxc = dlogit = w = None
         if ctx.backend == "compile" and dy.stride() != x.stride():
             # inductor lays dx out like its inputs: give dy x's memory format (one copy, only
@@ -352,21 +331,15 @@ class SEFunction(torch.autograd.Function):
         with _no_autocast(x):
             gcv = None if gc is None else _gate_view(gc, x, True)
             gsv = None if gs is None else _gate_view(gs, x, False)
-            dgc, dgs, aux = reduce(dy, x, gcv, gsv, mode, dims, acc)
-            if gc is not None:  # manual backward of sigmoid(fc2(relu(fc1(mean))))
-                a = torch.relu(h)
-                dz = dgc * gc * (1 - gc)
-                g[2], g[3] = dz.t() @ a, dz.sum(0)
-                dh = (dz @ fc2_w.to(acc)) * (h > 0)
-                g[0], g[1] = dh.t() @ mean, dh.sum(0)
-                dxc = _gate_view(dh @ fc1_w.to(acc) / math.prod(x.shape[2:]), x, True)
+            dgc, dgs = reduce(dy, x, gcv, gsv, mode, dims, acc)
+            if gc is not None:
+                dxc = _gate_view(channel_term(dgc), x, True)
             if gs is not None:
                 dl = dgs.reshape(x.shape[0], -1) * gs * (1 - gs)
                 g[4], g[5] = spatial_dot(x, dl), dl.sum()
                 dlogit = _gate_view(dl, x, False)
                 w = sse_w.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
-            dx = grad_input(dy, x, gcv, gsv, dxc, dlogit, w, mode, aux)
-        params = (fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b)
+            dx = grad_input(dy, x, gcv, gsv, dxc, dlogit, w, mode)
         grads = [None if gr is None or p is None else gr.reshape(p.shape).to(p.dtype)
                  for gr, p in zip(g, params)]
         return (dx, *grads, None, None)
@@ -379,6 +352,8 @@ def se_function(x: Tensor, mode: str, fc1_w=None, fc1_b=None, fc2_w=None, fc2_b=
     if mode not in MODES:
         raise ValueError(f"unknown SE mode {mode!r}; valid: {', '.join(MODES)}")
     backend = backend or backend_name()
+    if backend == "compile" and _COMPILE_FAILED:
+        backend = "ops"  # compiling failed earlier in this process (warned then)
     if not _has_c(mode):
         fc1_w = fc1_b = fc2_w = fc2_b = None
     if not _has_s(mode):

@@ -27,6 +27,7 @@ Layouts: a map is handled as a view ``(N, C, P)`` (NCHW, ``ch = 1``) or ``(N, P,
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -125,10 +126,11 @@ class _Chunks:
         return v.unsqueeze(self.ch)
 
     def scratch(self, name: str, like: Tensor) -> Tensor:
-        """A chunk-sized buffer (reused across chunks), shaped like ``like``, contiguous."""
+        """A chunk-sized buffer shaped like ``like``, contiguous; reused across chunks and calls
+        (per thread), since a fresh MB-sized buffer costs a page fault per 4 KB on first write."""
         buf = self._buf.get(name)
         if buf is None:
-            buf = self._buf[name] = torch.empty(self._size, dtype=self.dtype, device=self.device)
+            buf = self._buf[name] = _scratch(name, self._size, self.dtype, self.device)
         return buf[:like.numel()].view(like.shape)
 
     def weight(self, w: Tensor) -> Tensor:
@@ -158,6 +160,24 @@ class _Chunks:
             prod = torch.mul(xc, dl.unsqueeze(1), out=self.scratch("t", xc))
             return prod.sum((0, 2), dtype=acc)
         return torch.bmm(dl.unsqueeze(1), xc).sum((0, 1), dtype=acc)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 1-D buffer of at least ``size`` elements kept for this thread (grown, never shrunk;
+    CPU only, where chunks bound it: 3 buffers of one chunk each, 3 MB at the default size)."""
+    if device.type != "cpu":
+        return torch.empty(size, dtype=dtype, device=device)
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    key = (name, dtype)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < size:
+        buf = pool[key] = torch.empty(size, dtype=dtype)
+    return buf
 
 
 def _route_weight(ck: _Chunks, xc: Tensor, gcc: Tensor, gsc: Tensor) -> Tensor:

@@ -1,12 +1,13 @@
-"""The fast path's ``ops`` backend: plain torch ops, run over cache-sized chunks of the map.
+"""The fast path's ``ops`` backend: plain torch ops, run chunk by chunk over the map.
 
-Every torch op is one pass over its operands. On CPU a pass over operands larger than the cores'
-L2 caches streams from memory, while a pass over L2-resident ones runs about 3x faster (2-core
-CPU, 2 threads, fp32 multiply: 0.29 vs 0.09-0.12 ns per element; ``python
-bench/bench_chunks.py``). So on CPU the map is cut into chunks of about
-:data:`CHUNK_ELEMENTS_PER_THREAD` elements per thread, whole channel columns each (all channels
-of a run of spatial positions, so sSE's channel sums are complete inside a chunk), and the steps
-that touch the same elements run back to back on one chunk:
+The steps of a block (squeeze, excitation; gate gradients; input gradient) need up to three
+map-sized temporaries on top of the output. Fresh ones cost a page fault per 4 KB on their first
+write (an 8 MB map: ~2,000 minor faults; the previous, unchunked ``ops`` steps took ~4,900 per
+scSE-max forward+backward at 2x64x128^2), and keeping map-sized ones would hold three maps per
+thread for the life of the process (1.6 GB for a 2x32x128^3 volume). So the map is cut into
+chunks of about :data:`CHUNK_ELEMENTS_PER_THREAD` elements per thread, whole channel columns
+each (all channels of a run of spatial positions, so sSE's channel sums are complete inside a
+chunk), and the temporaries are three chunk-sized buffers kept per thread:
 
 * forward: cSE's spatial mean over the whole map first (its gate needs all of it); then, per
   chunk, sSE's logit and gate and the output;
@@ -16,10 +17,13 @@ that touch the same elements run back to back on one chunk:
 * backward, phase 2 per chunk (cSE, scSE: the input gradient needs cSE's gate gradient summed
   over the whole map): the routing weight again, then ``dx``.
 
-Memory then sees ``x``, ``dy`` and the outputs about as often as the floor's 8 passes (3
-forward, 5 backward); the intermediates stay in L2. Nothing map-sized is kept between the
-phases: the max-routing weight is recomputed from ``x`` and the gates (Roy et al., TMI 2019,
-max fusion). Off CPU (CUDA without trusted Triton kernels) the whole map is one chunk.
+Nothing map-sized is kept between the phases or for backward beyond ``x`` and the gates: the
+max-routing weight is recomputed from ``x`` and the gates (Roy et al., TMI 2019, max fusion).
+``python bench/bench_chunks.py`` measures the chunk size: from 128K elements per thread the
+chunked steps are as fast as unchunked ones with kept map-sized buffers (scSE within ±5%, cSE
+0.7-0.85x), smaller chunks lose to per-op dispatch. (One multiply over L2-resident operands costs
+half as much per element as over a whole map, but the chunked steps did not turn that into an
+end-to-end gain here.) Off CPU (CUDA without trusted Triton kernels) the whole map is one chunk.
 
 Layouts: a map is handled as a view ``(N, C, P)`` (NCHW, ``ch = 1``) or ``(N, P, C)``
 (channels_last, ``ch = 2``), P the flattened spatial size (2D or 3D alike).
@@ -33,12 +37,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Elements per chunk and thread: torch splits a chunk's op over its threads, so each core's L2
-# (2 MB here) holds its share. Measured by ``python bench/bench_chunks.py`` (2 threads, 2x64x128^2
-# fp32, both layouts): 128K per thread (256K in all) was the fastest or within noise of it for
-# every block; 32K per thread lost to the unchunked path (per-op dispatch), 256K per thread
-# (operands beyond L2) fell back. ``SCSE_SEG_CHUNK=<elements>`` sets the chunk size
-# (0: the whole map as one chunk).
+# Elements per chunk and thread (torch splits a chunk's op over its threads). From
+# ``python bench/bench_chunks.py`` (2 threads, 2x64x128^2 fp32, both layouts; bench/README.md):
+# 128K per thread is as fast as one chunk per map, 64K and less per thread lose to per-op
+# dispatch. ``SCSE_SEG_CHUNK=<elements>`` sets the chunk size (0: the whole map as one chunk,
+# and then the kept scratch buffers are map-sized).
 CHUNK_ELEMENTS_PER_THREAD = 131072
 
 

@@ -12,9 +12,8 @@ scse_add, 2D and 3D, NCHW and channels_last:
 
 Two backends do the map-sized work, picked by ``SCSE_SEG_FAST`` (``ops`` or ``compile``):
 
-* ``ops`` (:mod:`.chunked_se`): plain torch ops run over L2-sized chunks of the map, so the
-  intermediates stay in cache and memory sees x, dy and the outputs about as often as a fused
-  kernel would read them (no compiler needed, nothing to warm up);
+* ``ops`` (:mod:`.chunked_se`): plain torch ops run chunk by chunk over the map, with their
+  temporaries in small buffers kept per thread (no compiler needed, nothing to warm up);
 * ``compile``: the same three map-sized steps (excite, gate-gradient reduction, input gradient)
   as plain formulas compiled by ``torch.compile`` (inductor emits one vectorised C++ loop per
   step on CPU); the first call per mode/dtype/layout compiles (seconds), later calls are cheap.
@@ -49,8 +48,9 @@ DEFAULT_BACKEND = "ops"
 # maps cost the fixed per-call overhead of autograd and dispatch, where the Function's extra
 # steps lose, and save little for backward either way (eager cSE and sSE keep one map, like the
 # fast path). Read off the block tables (fp32, the architectures' map shapes, both layouts,
-# 2-core CPU) by bench/thresholds.py: ops (chunked, chunked_se) from bench/results/cpu-ops and
-# cpu-ops-rerun, compile from bench/results/cpu. 2097153 (one past the largest map measured):
+# 2-core CPU) by bench/thresholds.py: ops (chunked_se) from four tables, bench/results/cpu-ops
+# and cpu-ops-rerun now and at commit 103410d (runs on this VM differ by up to 2x, so the
+# threshold is where the fast path never lost in any of them), compile from bench/results/cpu. 2097153 (one past the largest map measured):
 # the fast path never won in every layout (ops sSE lost in channels_last at 2x64x128^2, where
 # its chunked channel contraction is a slow matrix-vector product; eager sSE saves the same one
 # map). ``SCSE_SEG_FAST_MIN=<elements>`` overrides every entry (0: the fast path at every size).

@@ -50,10 +50,10 @@ DEFAULT_BACKEND = "ops"
 # fast path). Read off the block tables (fp32, the architectures' map shapes, both layouts,
 # 2-core CPU) by bench/thresholds.py: ops (chunked_se) from four tables, bench/results/cpu-ops
 # and cpu-ops-rerun now and at commit 103410d (runs on this VM differ by up to 2x, so the
-# threshold is where the fast path never lost in any of them), compile from bench/results/cpu. 2097153 (one past the largest map measured):
-# the fast path never won in every layout (ops sSE lost in channels_last at 2x64x128^2, where
-# its chunked channel contraction is a slow matrix-vector product; eager sSE saves the same one
-# map). ``SCSE_SEG_FAST_MIN=<elements>`` overrides every entry (0: the fast path at every size).
+# threshold is where the fast path never lost in any of them), compile from bench/results/cpu.
+# 2097153 (one past the largest map measured): the fast path did not win in every layout (ops
+# sSE lost in channels_last at 2x64x128^2 in some runs; eager sSE saves the same one map).
+# ``SCSE_SEG_FAST_MIN=<elements>`` overrides every entry (0: the fast path at every size).
 MIN_ELEMENTS = {
     "ops": {"cse": 2097152, "sse": 2097153, "scse_max": 32768, "scse_add": 262144},
     "compile": {"cse": 2097152, "sse": 1048576, "scse_max": 0, "scse_add": 32768},

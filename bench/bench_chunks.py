@@ -1,13 +1,13 @@
-"""Why the ``ops`` fast path works in chunks, and how big they are (issue 12).
+"""How big the ``ops`` fast path's chunks are (issue 12).
 
     python bench/bench_chunks.py --out bench/results/cpu-chunks
 
 Two tables. *Cache*: one fp32 multiply ``torch.mul(a, b, out=o)`` at operand sizes from
-L2-resident to map-sized, in ns per element (the same ``o`` every call, so no page faults):
-where the three operands stop fitting a core's L2 the cost per element jumps. *Chunk size*:
-forward+backward of every SE block on the fast path (``ops`` backend) at the bench's largest
-map, for each ``SCSE_SEG_CHUNK`` (0 = the whole map as one chunk, the unchunked baseline),
-beside the blocks' eager formulas and smp's ``SCSEModule``, all interleaved in one run.
+L2-resident to map-sized, in ns per element (the same ``o`` every call, so no page faults).
+*Chunk size*: forward+backward of every SE block on the fast path (``ops`` backend) at the
+bench's largest map, for each ``SCSE_SEG_CHUNK`` (0 = the whole map as one chunk, its scratch
+buffers map-sized), beside the blocks' eager formulas and smp's ``SCSEModule``, interleaved over
+rounds in one run.
 """
 from __future__ import annotations
 

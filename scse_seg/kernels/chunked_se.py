@@ -23,7 +23,8 @@ max-routing weight is recomputed from ``x`` and the gates (Roy et al., TMI 2019,
 chunked steps are about as fast as unchunked ones with kept map-sized buffers (scSE within 10%,
 sSE 16% slower, cSE 0.66-0.73x); smaller chunks lose to per-op dispatch. (One multiply over
 L2-resident operands costs half as much per element as over a whole map, but the chunked steps
-did not turn that into an end-to-end gain here.) Off CPU (CUDA without trusted Triton kernels) the whole map is one chunk.
+did not turn that into an end-to-end gain here.) Off CPU (CUDA without trusted Triton kernels)
+the whole map is one chunk.
 
 Layouts: a map is handled as a view ``(N, C, P)`` (NCHW, ``ch = 1``) or ``(N, P, C)``
 (channels_last, ``ch = 2``), P the flattened spatial size (2D or 3D alike).

@@ -50,16 +50,22 @@ def chunk_elements(x: Tensor) -> int:
     """Elements per chunk for ``x`` (0: one chunk)."""
     if x.device.type != "cpu":
         return 0
-    raw = os.environ.get("SCSE_SEG_CHUNK", "").strip()
-    if raw:
-        try:
-            value = int(float(raw))
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise ValueError(f"SCSE_SEG_CHUNK={raw!r} must be a number of elements >= 0")
-        return value
-    return CHUNK_ELEMENTS_PER_THREAD * torch.get_num_threads()
+    value = env_elements("SCSE_SEG_CHUNK")
+    return CHUNK_ELEMENTS_PER_THREAD * torch.get_num_threads() if value is None else value
+
+
+def env_elements(name: str) -> Optional[int]:
+    """A count of map elements set by environment variable ``name`` (None when unset)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name}={raw!r} must be a number of map elements >= 0")
+    return value
 
 
 def _is_channels_last(x: Tensor) -> bool:

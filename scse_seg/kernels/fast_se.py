@@ -62,16 +62,8 @@ MIN_ELEMENTS = {
 
 def min_elements(mode: str, backend: Optional[str] = None) -> int:
     """The map size from which a block on CPU takes the fast path (see :data:`MIN_ELEMENTS`)."""
-    raw = os.environ.get("SCSE_SEG_FAST_MIN", "").strip()
-    if raw:
-        try:
-            value = int(float(raw))
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise ValueError(f"SCSE_SEG_FAST_MIN={raw!r} must be a number of map elements >= 0")
-        return value
-    return MIN_ELEMENTS[backend or backend_name()][mode]
+    value = chunked_se.env_elements("SCSE_SEG_FAST_MIN")
+    return MIN_ELEMENTS[backend or backend_name()][mode] if value is None else value
 
 
 def backend_name() -> str:

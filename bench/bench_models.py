@@ -45,6 +45,8 @@ class ModelCase:
     attention: str   # one of ATTENTIONS (the anchor: none or scse)
     impl: str        # ours: "torch" (eager formulas), "fast" (PyTorch fast path), "fused"
     #                  (Triton, CUDA); anchor: "smp"
+    options: tuple = ()  # attention keyword arguments of our networks, e.g.
+    #                      (("reduction", 16), ("fusion", "add")): smp's scSE setting
 
 
 def model_cases(archs: Sequence[str] = ARCHS, attentions: Sequence[str] = ATTENTIONS,
@@ -81,7 +83,7 @@ def build_model(case: ModelCase, work: Workload) -> nn.Module:
     kw = {"width": work.width} if case.arch in PAPER_ARCHS else {"encoder_name": work.encoder,
                                                                "encoder_weights": None}
     model = create_model(case.arch, work.in_channels, work.classes, attention=case.attention,
-                         dim=2, **kw)
+                         dim=2, **kw, **dict(case.options))
     set_fused(model, case.impl in ("fused", "fast"))
     return model
 

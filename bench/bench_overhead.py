@@ -84,11 +84,14 @@ def summarise(times: list[list[float]], base: int = 0) -> list[dict]:
     return out
 
 
-def groups(archs: Sequence[str], eager: bool, anchor: bool) -> list[list[ModelCase]]:
-    """One group per architecture: ``none`` first (the base of the ratios), then scSE."""
+def groups(archs: Sequence[str], eager: bool, anchor: bool,
+           settings: Sequence[tuple] = ()) -> list[list[ModelCase]]:
+    """One group per architecture: ``none`` first (the base of the ratios), then scSE (and
+    scSE with each of ``settings``, attention options such as (("reduction", 16),))."""
     out = []
     for arch in archs:
         cases = [ModelCase(arch, "none", "torch"), ModelCase(arch, "scse", "fast")]
+        cases += [ModelCase(arch, "scse", "fast", tuple(opts)) for opts in settings]
         out.append(cases + ([ModelCase(arch, "scse", "torch")] if eager else []))
     if anchor:
         out.append([ModelCase(ANCHOR, "none", "smp"), ModelCase(ANCHOR, "scse", "smp")])
@@ -103,13 +106,33 @@ def _perf_timer(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def label(case: ModelCase) -> str:
+    """The attention column: ``scse``, or ``scse (reduction=16, fusion=add)``."""
+    if not case.options:
+        return case.attention
+    return f"{case.attention} ({', '.join(f'{k}={v}' for k, v in case.options)})"
+
+
+def parse_setting(text: str) -> tuple:
+    """``"reduction=16,fusion=add"`` -> (("reduction", 16), ("fusion", "add"))."""
+    import yaml
+
+    out = []
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--scse-setting: {item!r} is not KEY=VALUE (e.g. reduction=16)")
+        out.append((key.strip(), yaml.safe_load(value.strip())))
+    return tuple(out)
+
+
 def run_overhead(layouts: Sequence[str], archs: Sequence[str], work: Workload, rounds: int,
                  warmup: int = 2, eager: bool = False, anchor: bool = True, device: str = "cpu",
-                 log=print, on_row=None) -> list[dict]:
+                 log=print, on_row=None, settings: Sequence[tuple] = ()) -> list[dict]:
     rows: list[dict] = []
     for layout in layouts:
         setting = Setting(device, "fp32", layout)
-        for cases in groups(archs, eager, anchor):
+        for cases in groups(archs, eager, anchor, settings):
             runs = [StepRun(c, setting, work) for c in cases]
             for run in runs:
                 for _ in range(warmup):
@@ -117,10 +140,10 @@ def run_overhead(layouts: Sequence[str], archs: Sequence[str], work: Workload, r
             times = paired_rounds([run.step for run in runs], rounds, _perf_timer)
             for case, stats in zip(cases, summarise(times)):
                 row = {"layout": layout, "arch": arch_label(case.arch, work),
-                       "attention": case.attention, "impl": case.impl, **stats}
+                       "attention": label(case), "impl": case.impl, **stats}
                 rows.append(row)
                 if "overhead_pct" in row:
-                    log(f"[overhead] {layout} {row['arch']} {case.attention} {case.impl}: "
+                    log(f"[overhead] {layout} {row['arch']} {row['attention']} {case.impl}: "
                         f"{row['overhead_pct']:+.1f}% [{row['ci_lo_pct']:+.1f}, "
                         f"{row['ci_hi_pct']:+.1f}] over {row['rounds']} rounds")
             del runs
@@ -140,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
                                                          "(default 20; at least 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--eager", action="store_true", help="also time scSE's eager formulas")
+    p.add_argument("--scse-setting", action="append", default=[], metavar="KEY=V[,KEY=V]",
+                   help="also time scSE with these options, e.g. reduction=16,fusion=add "
+                        "(smp's setting); repeatable")
     p.add_argument("--no-anchor", action="store_true", help="leave out smp's Unet anchor")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=128)
@@ -165,8 +191,9 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     save = (lambda rows: write_csv(rows, args.out / "overhead.csv")) if args.out else None
+    settings = [parse_setting(t) for t in args.scse_setting]
     rows = run_overhead(args.layout, args.archs, work, args.rounds, args.warmup, args.eager,
-                        not args.no_anchor, args.device, log, save)
+                        not args.no_anchor, args.device, log, save, settings)
     from scse_seg.kernels import fast_se
 
     env = environment(args.device)

@@ -213,12 +213,14 @@ def test_overhead_command_writes_a_row_per_variant(tmp_path):
         result = run.main(["overhead", "--device", "cpu", "--archs", "sdnet", "--rounds", "6",
                            "--warmup", "1", "--size", "32", "--width", "8", "--classes", "3",
                            "--encoder", "efficientnet-b0", "--threads", "1", "--eager",
+                           "--scse-setting", "reduction=4,fusion=add",
                            "--out", str(tmp_path)], log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
     rows = _csv(tmp_path / "overhead.csv")
     assert [(r["arch"].split()[0], r["attention"], r["impl"]) for r in rows] == [
-        ("sdnet", "none", "torch"), ("sdnet", "scse", "fast"), ("sdnet", "scse", "torch"),
+        ("sdnet", "none", "torch"), ("sdnet", "scse", "fast"),
+        ("sdnet", "scse (reduction=4, fusion=add)", "fast"), ("sdnet", "scse", "torch"),
         ("smp.Unet(efficientnet-b0)", "none", "smp"), ("smp.Unet(efficientnet-b0)", "scse", "smp")]
     for r in result["rows"]:
         assert r["rounds"] == 6 and r["ms"] > 0
@@ -244,3 +246,18 @@ def test_chunk_bench_times_every_chunk_size_beside_eager_and_smp(tmp_path):
     assert got == expected | {(lay, "scse_add", "smp SCSEModule") for lay in ("nchw", "channels_last")}
     assert all(r["vs_unchunked"] == 1 for r in result["chunks"] if r["variant"] == "chunk 0")
     assert os.environ.get("SCSE_SEG_CHUNK") is None  # the override is put back
+
+
+def test_scse_setting_reaches_the_built_network():
+    from bench.bench_overhead import parse_setting
+    from scse_seg.blocks import ConcurrentSE
+
+    opts = parse_setting("reduction=4,fusion=add")
+    assert opts == (("reduction", 4), ("fusion", "add"))
+    with pytest.raises(SystemExit):
+        parse_setting("reduction")
+    work = Workload(batch=1, size=32, classes=3, width=8)
+    model = bench_models.build_model(bench_models.ModelCase("sdnet", "scse", "fast", opts), work)
+    blocks = [m for m in model.modules() if isinstance(m, ConcurrentSE)]
+    assert blocks and all(b.fusion == "add" for b in blocks)
+    assert all(b.cse.excite.fc1.out_features == 8 // 4 for b in blocks)  # width 8, reduction 4

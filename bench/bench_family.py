@@ -36,9 +36,14 @@ COLUMNS = [("kind", "kind", -1), ("variant", "variant", -1), ("shape", "map (N×
 def make(variant: str, channels: int, dim: int = 2, reduction: float = 2) -> nn.Module:
     """An attention (``eca``) or a stage (``double_conv+scse``, ``residual+cmpe_se1``, ``sk``)."""
     from scse_seg.blocks import create_attention, create_block, is_inner_recalibration
+    from scse_seg.blocks.registry import attention_options
+
+    def attention(name):
+        return create_attention(name, channels, dim,
+                                **attention_options(name, {"reduction": reduction}))
 
     if variant in ATTENTIONS:
-        return create_attention(variant, channels, dim, reduction=reduction)
+        return attention(variant)
     block, _, attn = variant.partition("+")
     if attn and is_inner_recalibration(attn):
         return create_block(block, channels, channels, dim, recalibration=attn,
@@ -46,7 +51,7 @@ def make(variant: str, channels: int, dim: int = 2, reduction: float = 2) -> nn.
     conv = create_block(block, channels, channels, dim)
     if not attn:
         return conv
-    return nn.Sequential(conv, create_attention(attn, channels, dim, reduction=reduction))
+    return nn.Sequential(conv, attention(attn))
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:

@@ -124,11 +124,10 @@ class ModelConfig:
 
     def size_multiple(self) -> int:
         """The multiple every input size of this model must be (its ``size_multiple``: 16 for
-        the paper networks, 2**depth = 32 for smp encoders), read off a weightless copy."""
-        import torch
+        the paper networks, 2**depth = 32 for smp encoders), as the model registry records it."""
+        from .models import size_multiple
 
-        with torch.device("meta"):
-            return int(getattr(self.build(1, 2), "size_multiple", 16))
+        return size_multiple(self.arch)
 
     def build(self, in_channels: int, num_classes: int):
         from .models import create_model

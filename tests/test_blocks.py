@@ -32,8 +32,35 @@ def test_unknown_name_lists_valid():
 
 
 def test_misspelt_option_raises():
-    with pytest.raises(TypeError, match="fusoin"):
+    with pytest.raises(ValueError, match="fusoin"):
         create_attention("scse", 8, fusoin="max")
+
+
+def test_option_the_attention_does_not_take_raises():
+    """sSE has no MLP, so ``reduction`` means nothing to it: one line naming what it takes."""
+    with pytest.raises(ValueError, match=r"^attention 'sse' takes no option reduction; valid "
+                                         r"options: fused$"):
+        create_attention("sse", 64, reduction=16)
+    with pytest.raises(ValueError, match="valid options: none$"):
+        create_attention("none", 8, fusion="max")
+
+
+def test_model_wide_options_reach_only_the_attentions_that_take_them():
+    """A config's reduction/fusion serve every attention: create_model hands each block only
+    its own options (sSE gets none, scSE both) and refuses a name no architecture or attention
+    knows."""
+    from scse_seg.blocks.registry import attention_options
+    from scse_seg.models import create_model
+
+    assert attention_options("sse", {"reduction": 16, "fusion": "add"}) == {}
+    assert attention_options("scse", {"reduction": 16}) == {"reduction": 16}
+    m = create_model("unet", 1, 2, "sse", width=4, reduction=16, fusion="add")
+    assert {type(b).__name__ for b in m.attention_modules()} == {"SpatialSE"}
+    m = create_model("unet", 1, 2, "scse", width=4, reduction=4, fusion="add")
+    assert all(b.fusion == "add" and b.cse.excite.fc1.out_features == b.channels // 4
+               for b in m.attention_modules())
+    with pytest.raises(ValueError, match=r"architecture 'unet' takes no option widht; valid options"):
+        create_model("unet", 1, 2, "scse", widht=4)
 
 
 def test_bad_fusion_and_dim():

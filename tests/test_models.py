@@ -111,3 +111,21 @@ def test_parameter_overhead_matches_paper_range(capsys):
         if row["attention"] == "scse":
             assert 0.3 <= row["overhead_pct"] <= 3.0, row
     assert all(isinstance(m, EncoderDecoder) for m in [create_model(a, 1, 2, **SMALL) for a in PAPER])
+
+
+def test_registry_records_size_multiple_without_building():
+    """2 ** downsamplings: 4 max-pools in the paper networks and MONAI's 4 levels (16), smp's
+    resnet34 has 5 stride-2 stages (32), 4 with encoder_depth=4 (16); the registry's figure is
+    what the built model checks its input against."""
+    from scse_seg.models import size_multiple
+
+    expected = {"unet": 16, "densenet": 16, "sdnet": 16, "smp_unet": 32, "smp:FPN": 32,
+                "monai:DynUNet": 16, "UNet": 16}
+    for arch, value in expected.items():
+        assert size_multiple(arch) == value, arch
+    assert size_multiple("smp_unet", encoder_depth=4) == 16
+    for arch in ("unet", "smp_unet", "smp:FPN", "monai:DynUNet"):
+        kw = {} if arch.startswith("smp") else dict(width=4)
+        assert create_model(arch, 1, 2, "scse", **kw).size_multiple == size_multiple(arch), arch
+    with pytest.raises(ValueError, match="unknown architecture 'unt'; valid names: .*unet"):
+        size_multiple("unt")

@@ -1,57 +1,108 @@
-"""Registries of attention types and of conv blocks, so models and configs name them by string
-(like timm layers)."""
+"""Registries of what users name by string: attention types, conv blocks (here) and
+architectures (:mod:`scse_seg.models.registry`), one small class for all, as timm and smp do."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
-_ATTENTION: dict[str, Callable[..., nn.Module]] = {}
-_BLOCKS: dict[str, Callable[..., nn.Module]] = {}
+
+class Registry:
+    """Names -> factories (with optional recorded properties), for one kind of thing."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable[..., Any]] = {}
+        self._props: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, **props):
+        """Decorator: make ``name`` buildable; ``props`` are recorded (see :meth:`prop`)."""
+
+        def deco(fn):
+            self.add(name, fn, **props)
+            return fn
+
+        return deco
+
+    def add(self, name: str, fn: Callable[..., Any], **props) -> None:
+        if name in self._entries:
+            raise KeyError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = fn
+        self._props[name] = props
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def prop(self, name: str, key: str, default: Any = None) -> Any:
+        return self._props[name].get(key, default) if name in self._props else default
+
+
+ATTENTIONS = Registry("attention")
+BLOCKS = Registry("block")
 
 
 def register_attention(name: str):
     """Class decorator: make ``name`` available to :func:`create_attention`."""
-
-    def deco(cls):
-        if name in _ATTENTION:
-            raise KeyError(f"attention {name!r} is already registered")
-        _ATTENTION[name] = cls
-        return cls
-
-    return deco
+    return ATTENTIONS.register(name)
 
 
 def attention_names() -> list[str]:
-    return sorted(_ATTENTION)
+    return ATTENTIONS.names()
+
+
+def _key(name: str | None) -> str:
+    return "none" if name is None else str(name).lower()
 
 
 def is_inner_recalibration(name: str | None) -> bool:
     """True for attentions that recalibrate inside a residual block (they see both the identity
     and the residual branch, e.g. CMPE-SE) and so cannot follow an arbitrary block."""
-    cls = _ATTENTION.get("none" if name is None else str(name).lower())
-    return bool(getattr(cls, "inside_residual", False))
+    return _key(name) in ATTENTIONS and bool(getattr(ATTENTIONS.get(_key(name)),
+                                                     "inside_residual", False))
+
+
+def accepted_options(name: str | None) -> tuple[str, ...]:
+    """The keyword options attention ``name`` takes (its class's ``accepted_kwargs``)."""
+    return tuple(getattr(ATTENTIONS.get(_key(name)), "accepted_kwargs", ()))
+
+
+def attention_options(name: str | None, options: dict) -> dict:
+    """The part of model-wide attention ``options`` (e.g. ``reduction`` and ``fusion`` of a config)
+    that attention ``name`` takes, so one setting serves every type; an option that no attention
+    takes (a misspelling) raises."""
+    known = set().union(*(accepted_options(n) for n in attention_names()))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown attention option(s) {', '.join(unknown)}; valid options: "
+                         f"{', '.join(sorted(known))}")
+    accepted = accepted_options(name)
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def _build(name: str | None, channels: int, dim: int, kwargs: dict) -> nn.Module:
-    key = "none" if name is None else str(name).lower()
-    if key not in _ATTENTION:
-        raise ValueError(f"unknown attention {name!r}; valid names: {', '.join(attention_names())}")
-    known = set().union(*(getattr(c, "accepted_kwargs", ()) for c in _ATTENTION.values()))
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise TypeError(f"unknown attention option(s) {unknown}; valid options: {sorted(known)}")
-    cls = _ATTENTION[key]
-    accepted = getattr(cls, "accepted_kwargs", ())
-    return cls(channels, dim=dim, **{k: v for k, v in kwargs.items() if k in accepted})
+    cls = ATTENTIONS.get(_key(name))
+    accepted = accepted_options(name)
+    wrong = sorted(set(kwargs) - set(accepted))
+    if wrong:
+        raise ValueError(f"attention {_key(name)!r} takes no option {', '.join(wrong)}; valid "
+                         f"options: {', '.join(accepted) or 'none'}")
+    return cls(channels, dim=dim, **kwargs)
 
 
 def create_attention(name: str | None, channels: int, dim: int = 2, **kwargs) -> nn.Module:
     """Build the attention block ``name`` for a ``channels``-wide, ``dim``-D feature map.
 
-    ``None``/"none" gives an identity. Extra keyword arguments (``reduction``, ``fusion``...) go to
-    the block; options valid for some other type are ignored, so one model-level setting serves all
-    types, while a misspelt option raises. Recalibrations that live inside a residual block
+    ``None``/"none" gives an identity. Keyword arguments (``reduction``, ``fusion``...) go to the
+    block; one it does not take raises a ValueError naming those it does (filter model-wide
+    settings with :func:`attention_options`). Recalibrations that live inside a residual block
     (``cmpe_se*``) are refused here: build them with ``create_block("residual", ...,
     recalibration=name)``.
     """
@@ -71,23 +122,16 @@ def create_recalibration(name: str, channels: int, dim: int = 2, **kwargs) -> nn
 
 def register_block(name: str):
     """Class decorator: make ``name`` available to :func:`create_block`."""
-
-    def deco(cls):
-        if name in _BLOCKS:
-            raise KeyError(f"block {name!r} is already registered")
-        _BLOCKS[name] = cls
-        return cls
-
-    return deco
+    return BLOCKS.register(name)
 
 
 def block_names() -> list[str]:
-    return sorted(_BLOCKS)
+    return BLOCKS.names()
 
 
 def recalibrating_blocks() -> list[str]:
     """Blocks that accept an inside recalibration (``recalibration=`` option)."""
-    return [n for n in block_names() if getattr(_BLOCKS[n], "accepts_recalibration", False)]
+    return [n for n in block_names() if getattr(BLOCKS.get(n), "accepts_recalibration", False)]
 
 
 def check_block_attention(block: str | None, attention: str | None) -> str | None:
@@ -105,6 +149,4 @@ def create_block(name: str, in_channels: int, out_channels: int, dim: int = 2,
     """Build conv block ``name`` mapping ``in_channels`` to ``out_channels`` at the same spatial
     size (one encoder/decoder stage of a U-Net-like network). ``kwargs`` are the block's options
     (``radix``, ``cardinality``, ``recalibration``...)."""
-    if name not in _BLOCKS:
-        raise ValueError(f"unknown block {name!r}; valid names: {', '.join(block_names())}")
-    return _BLOCKS[name](in_channels, out_channels, dim=dim, **kwargs)
+    return BLOCKS.get(name)(in_channels, out_channels, dim=dim, **kwargs)

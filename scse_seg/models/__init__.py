@@ -7,8 +7,10 @@ from .registry import (
     model_names,
     register_model,
     resolve_model_name,
+    size_multiple,
 )
 from .summary import count_parameters, parameter_table
 
 __all__ = ["EncoderDecoder", "Stage", "block_archs", "count_parameters", "create_model", "model_names",
-           "parameter_table", "register_model", "resolve_model_name"]
+           "parameter_table", "register_model", "resolve_model_name",
+           "size_multiple"]

@@ -26,7 +26,7 @@ def _stage_block(default, block: str | None, attention: str, dim: int, attention
     return partial(create_block, block, dim=dim), attention
 
 
-@register_model("unet")
+@register_model("unet", size_multiple=2 ** DEPTH)
 def unet(in_channels: int, num_classes: int, attention: str = "scse", dim: int = 2,
          width: int = 64, width_growth: int = 2, dropout: float = 0.0,
          bottleneck_attention: bool = True, placement: str = "all", block: str | None = None,
@@ -43,7 +43,7 @@ def unet(in_channels: int, num_classes: int, attention: str = "scse", dim: int =
                           placement=placement, **attention_kwargs)
 
 
-@register_model("densenet")
+@register_model("densenet", size_multiple=2 ** DEPTH)
 def densenet(in_channels: int, num_classes: int, attention: str = "scse", dim: int = 2,
              width: int = 64, kernel_size: int = 5, dropout: float = 0.2,
              bottleneck_attention: bool = True, placement: str = "all", **attention_kwargs) -> EncoderDecoder:
@@ -60,7 +60,7 @@ def densenet(in_channels: int, num_classes: int, attention: str = "scse", dim: i
                           dropout=dropout, placement=placement, **attention_kwargs)
 
 
-@register_model("sdnet")
+@register_model("sdnet", size_multiple=2 ** DEPTH)
 def sdnet(in_channels: int, num_classes: int, attention: str = "scse", dim: int = 2,
           width: int = 64, kernel_size: int = 5, dropout: float = 0.0,
           bottleneck_attention: bool = True, placement: str = "all", block: str | None = None,

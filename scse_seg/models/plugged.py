@@ -16,7 +16,8 @@ from torch import nn
 
 from ..plug import add_attention
 from ..plug.sites import SMP_DECODER
-from .registry import _MODELS, register_model
+from .registry import MODELS, register_model
+from .smp_decoder import _encoder_multiple
 
 MONAI = ("UNet", "BasicUNet", "DynUNet")
 DEPTH = 4  # MONAI networks: 4 downsamplings, inputs divisible by 16 (as our paper models)
@@ -25,11 +26,8 @@ DEPTH = 4  # MONAI networks: 4 downsamplings, inputs divisible by 16 (as our pap
 def _plug(model: nn.Module, attention: str, placement: str, size_multiple: int, in_channels: int,
           dim: int, attention_kwargs: dict) -> nn.Module:
     model.size_multiple = size_multiple
-    import torch
-
-    if torch.empty(0).is_meta:  # built under torch.device("meta") (ModelConfig.size_multiple): a
-        return model  # weightless copy cannot run the shape probe; only size_multiple is read
     if attention not in (None, "none"):
+        import torch
 
         probe = torch.zeros(1, in_channels, *([2 * size_multiple] * dim))
         add_attention(model, attention, where=placement, example_input=probe, **attention_kwargs)
@@ -75,22 +73,22 @@ def build_monai(cls: str, in_channels: int, num_classes: int, attention: str = "
     return _plug(model, attention, placement, 2 ** DEPTH, in_channels, dim, attention_kwargs)
 
 
-def _register(name: str, fn) -> None:
+def _register(name: str, fn, size_multiple) -> None:
     fn.__doc__ = fn.func.__doc__
-    register_model(name)(fn)
+    register_model(name, size_multiple=size_multiple)(fn)
 
 
 for _cls in SMP_DECODER:
     if _cls == "DPT":  # needs a timm ViT encoder ("tu-vit_..."): use add_attention on smp.DPT
         continue
     _fn = partial(build_smp, _cls)
-    _register(f"smp:{_cls}", _fn)
-    if f"smp_{_cls.lower()}" not in _MODELS and _cls != "Unet":
-        _register(f"smp_{_cls.lower()}", _fn)
+    _register(f"smp:{_cls}", _fn, _encoder_multiple)
+    if f"smp_{_cls.lower()}" not in MODELS and _cls != "Unet":
+        _register(f"smp_{_cls.lower()}", _fn, _encoder_multiple)
 for _cls in MONAI:
     _fn = partial(build_monai, _cls)
-    _register(f"monai:{_cls}", _fn)
-    _register(f"monai_{_cls.lower()}", _fn)
+    _register(f"monai:{_cls}", _fn, 2 ** DEPTH)
+    _register(f"monai_{_cls.lower()}", _fn, 2 ** DEPTH)
 
 
 def is_plugged_arch(name: str) -> bool:

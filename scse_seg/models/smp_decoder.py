@@ -64,9 +64,16 @@ class SMPEncoderUNet(nn.Module):
         return self.head(x)
 
 
-@register_model("smp_unet")
+def _encoder_multiple(encoder_depth: int = 5, **_) -> int:
+    return 2 ** encoder_depth  # one stride-2 stage per encoder level
+
+
+@register_model("smp_unet", size_multiple=_encoder_multiple)
 def smp_unet(in_channels: int, num_classes: int, attention: str = "scse", dim: int = 2,
-             **kwargs) -> SMPEncoderUNet:
+             encoder_name: str = "resnet34", encoder_depth: int = 5,
+             decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+             encoder_weights: str | None = None, **attention_kwargs) -> SMPEncoderUNet:
     """U-Net decoder with our attention blocks on an smp encoder (``encoder_name``, default
     resnet34, random init)."""
-    return SMPEncoderUNet(in_channels, num_classes, attention, dim, **kwargs)
+    return SMPEncoderUNet(in_channels, num_classes, attention, dim, encoder_name, encoder_depth,
+                          decoder_channels, encoder_weights, **attention_kwargs)

@@ -30,11 +30,13 @@ def block_parameter_table(channels: int = 64, dim: int = 2, reduction: float = 2
     ``channels`` to ``channels`` (CMPE-SE inside the residual block): rows ``{name, kind, params}``.
     Attentions and CMPE-SE use ``reduction``; the other blocks their papers' defaults."""
     from ..blocks import attention_names, block_names, create_attention, create_block, is_inner_recalibration
+    from ..blocks.registry import attention_options
 
     rows = []
     for name in attention_names():
         if name != "none" and not is_inner_recalibration(name):
-            m = create_attention(name, channels, dim, reduction=reduction)
+            m = create_attention(name, channels, dim,
+                                 **attention_options(name, {"reduction": reduction}))
             rows.append(dict(name=name, kind="attention", params=count_parameters(m)))
     for name in block_names():
         rows.append(dict(name=name, kind="block", params=count_parameters(

@@ -83,10 +83,11 @@ def make_block(variant: str, channels: int, fused: bool = False, fast: bool = Fa
 
         return SCSEModule(channels)  # smp's defaults: reduction 16, additive fusion
     from scse_seg.blocks import create_attention
+    from scse_seg.blocks.registry import attention_options
 
     name, _, fusion = variant.partition("_")
     kw = {"fusion": fusion} if fusion else {}
-    return create_attention(name, channels, 2, fused=fused, **kw)
+    return create_attention(name, channels, 2, **attention_options(name, {"fused": fused, **kw}))
 
 
 def _map(shape, setting: Setting, seed: int = 0) -> torch.Tensor:

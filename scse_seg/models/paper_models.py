@@ -12,18 +12,18 @@ DEPTH = 4  # encoder blocks; inputs must be divisible by 2**DEPTH = 16
 
 
 def _stage_block(default, block: str | None, attention: str, dim: int, attention_kwargs: dict):
-    """(block factory, attention after each stage) for ``block`` (None: the architecture's own
-    block ``default``). A recalibration that lives inside a residual block (CMPE-SE) goes into the
-    block, and the stages get no separate attention."""
+    """(block factory, attention after each stage, its options) for ``block`` (None: the
+    architecture's own block ``default``). A recalibration that lives inside a residual block
+    (CMPE-SE) goes into the block, with its options, and the stages get no separate attention."""
     error = check_block_attention(block, attention)
     if error:
         raise ValueError(error)
     if block is None:
-        return default, attention
+        return default, attention, attention_kwargs
     if is_inner_recalibration(attention):
         return partial(create_block, block, dim=dim, recalibration=attention,
-                       **attention_kwargs), "none"
-    return partial(create_block, block, dim=dim), attention
+                       **attention_kwargs), "none", {}
+    return partial(create_block, block, dim=dim), attention, attention_kwargs
 
 
 @register_model("unet", size_multiple=2 ** DEPTH)
@@ -35,7 +35,7 @@ def unet(in_channels: int, num_classes: int, attention: str = "scse", dim: int =
     conv upsampling; ``width`` filters at the first level, times ``width_growth`` per level.
     ``block`` (``create_block`` name) replaces the double conv in every stage."""
     widths = [width * width_growth ** i for i in range(DEPTH)]
-    factory, attention = _stage_block(partial(UNetBlock, dim=dim), block, attention, dim,
+    factory, attention, attention_kwargs = _stage_block(partial(UNetBlock, dim=dim), block, attention, dim,
                                       attention_kwargs)
     return EncoderDecoder(in_channels, num_classes, widths, width * width_growth ** DEPTH,
                           factory, attention, dim, upsampling="transpose",
@@ -67,7 +67,7 @@ def sdnet(in_channels: int, num_classes: int, attention: str = "scse", dim: int 
           **attention_kwargs) -> EncoderDecoder:
     """SD-Net: conv5x5(64)-PReLU-BN blocks, max-pool with indices, max-unpool, skip concat.
     ``block`` (``create_block`` name) replaces the conv-PReLU-BN of every stage."""
-    factory, attention = _stage_block(partial(SDNetBlock, dim=dim, kernel_size=kernel_size),
+    factory, attention, attention_kwargs = _stage_block(partial(SDNetBlock, dim=dim, kernel_size=kernel_size),
                                       block, attention, dim, attention_kwargs)
     return EncoderDecoder(in_channels, num_classes, [width] * DEPTH, width, factory, attention, dim,
                           upsampling="unpool", bottleneck_attention=bottleneck_attention,

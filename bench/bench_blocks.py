@@ -23,6 +23,7 @@ from .common import DTYPES, Setting, Workload, free_memory, measure, saved_for_b
 BLOCK_ARCHS = ("unet", "densenet", "sdnet")
 VARIANTS = ("none", "cse", "sse", "scse_max", "scse_add", "smp_scse")
 FUSED_MODES = {"cse": "cse", "sse": "sse", "scse_max": "scse_max", "scse_add": "scse_add"}
+FAST_MODES = ("scse_max", "scse_add")  # the CPU fast path's (scse_seg.kernels.cpu_se.MODES)
 FWD_PASSES, BWD_PASSES = 3, 5
 
 COLUMNS = [
@@ -59,22 +60,23 @@ def attention_shapes(archs: Sequence[str], work: Workload, device: str = "cpu") 
 
 
 class FastPath(nn.Module):
-    """A block forced onto the PyTorch fast path (scse_seg.kernels.fast_se), on any device."""
+    """An scSE block forced onto the CPU fast path (scse_seg.kernels.cpu_se)."""
 
     def __init__(self, block: nn.Module, mode: str):
         super().__init__()
         self.block, self.mode = block, mode
 
     def forward(self, x):
-        from scse_seg.kernels import fast_se
+        from scse_seg.kernels import cpu_se
+        from scse_seg.kernels.gates import module_params
 
         if torch.compiler.is_compiling():  # traced: the plain formulas, as the blocks do
             return self.block(x)
-        return fast_se.fast_se(x, self.block, self.mode)
+        return cpu_se.se_function(x, self.mode, **module_params(self.block, self.mode))
 
 
 def make_block(variant: str, channels: int, fused: bool = False, fast: bool = False) -> nn.Module:
-    """``fast``: our PyTorch fast path; ``fused``: the Triton kernels (CUDA); neither: the
+    """``fast``: the CPU fast path (scSE); ``fused``: the Triton kernels (CUDA); neither: the
     blocks' plain eager formulas."""
     if fast:
         return FastPath(make_block(variant, channels), FUSED_MODES[variant])
@@ -171,14 +173,17 @@ def run_blocks(settings: Sequence[Setting], work: Workload, archs=BLOCK_ARCHS, v
                warmup: int = 5, iters: int = 20, log=print, on_row=None) -> list[dict]:
     """One row per (setting, shape, variant, impl) at ``work.batch`` x the shapes of ``archs``.
     ``bandwidth`` in bytes/s sets the floor. Our blocks are timed as ``torch`` (eager formulas)
-    and ``fast`` (the PyTorch fast path). ``fused``: also time the fused kernels (CUDA).
+    and, for scSE, ``fast`` (the CPU fast path). ``fused``: also time the fused kernels (CUDA).
     ``check_fused``: fill ``fused_rel_err`` (fused kernels vs eager). ``on_row(rows)``: called
     after each row."""
     shapes = attention_shapes(archs, work, device=settings[0].device)
+    cpu = torch.device(settings[0].device).type == "cpu"
+
     def impls(v):
         if v not in FUSED_MODES:
             return ("torch",)
-        return ("torch", "fast", "fused") if fused else ("torch", "fast")
+        return ("torch",) + (("fast",) if cpu and v in FAST_MODES else ()) \
+            + (("fused",) if fused else ())
 
     cases = [(v, impl) for v in variants for impl in impls(v)]
     rows = []

@@ -1,18 +1,17 @@
-"""How big the ``ops`` fast path's chunks are (issue 12).
+"""How big the CPU fast path's chunks are (:data:`scse_seg.kernels.cpu_se.CHUNK_ELEMENTS_PER_THREAD`).
 
     python bench/bench_chunks.py --out bench/results/cpu-chunks
 
 Two tables. *Cache*: one fp32 multiply ``torch.mul(a, b, out=o)`` at operand sizes from
 L2-resident to map-sized, in ns per element (the same ``o`` every call, so no page faults).
-*Chunk size*: forward+backward of every SE block on the fast path (``ops`` backend) at the
-bench's largest map, for each ``SCSE_SEG_CHUNK`` (0 = the whole map as one chunk, its scratch
-buffers map-sized), beside the blocks' eager formulas and smp's ``SCSEModule``, interleaved over
-rounds in one run.
+*Chunk size*: forward+backward of scSE (max, add) on the fast path at the bench's largest map,
+for each chunk size in elements per thread (0 = the whole map as one chunk, its scratch buffers
+map-sized), beside the blocks' eager formulas and smp's ``SCSEModule``, interleaved over rounds
+in one run.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -26,8 +25,8 @@ import torch  # noqa: E402
 from bench.common import environment, markdown_table, write_csv  # noqa: E402
 
 SIZES = (16384, 32768, 65536, 131072, 262144, 524288, 2097152)
-CHUNKS = (0, 32768, 65536, 131072, 262144)
-MODES = ("cse", "sse", "scse_max", "scse_add")
+CHUNKS = (0, 16384, 32768, 65536, 131072, 262144)
+MODES = ("scse_max", "scse_add")
 
 
 def _median_us(fn, warmup: int, iters: int) -> float:
@@ -51,33 +50,26 @@ def cache_table(sizes=SIZES, iters: int = 50) -> list[dict]:
     return rows
 
 
-def _block(mode: str, channels: int):
-    from scse_seg.blocks import ChannelSE, ConcurrentSE, SpatialSE
-
-    if mode == "cse":
-        return ChannelSE(channels, 2, fused=False)
-    if mode == "sse":
-        return SpatialSE(channels, 2, fused=False)
-    return ConcurrentSE(channels, 2, fusion=mode.split("_")[1], fused=False)
-
-
 def chunk_table(shape, layout: str, chunks=CHUNKS, rounds: int = 5, iters: int = 5,
                 log=print) -> list[dict]:
     """Per mode: fb ms per chunk size, eager and smp, interleaved over ``rounds`` rounds."""
     from segmentation_models_pytorch.base.modules import SCSEModule
 
-    from scse_seg.kernels import fast_se
+    from scse_seg.blocks import ConcurrentSE
+    from scse_seg.kernels import cpu_se
+    from scse_seg.kernels.gates import module_params
 
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
     dy = torch.randn(shape).contiguous(memory_format=fmt)
-    old = os.environ.get("SCSE_SEG_CHUNK")
+    old = cpu_se.CHUNK_ELEMENTS_PER_THREAD
     rows = []
     try:
         for mode in MODES:
-            block = _block(mode, shape[1])
-            variants = {f"chunk {c}": (c, lambda b=block, m=mode: fast_se.fast_se(x, b, m, "ops"))
+            block = ConcurrentSE(shape[1], 2, fusion=mode.removeprefix("scse_"), fused=False)
+            params = module_params(block, mode)
+            variants = {f"chunk {c}": (c, lambda m=mode, p=params: cpu_se.se_function(x, m, **p))
                         for c in chunks}
             variants["eager"] = (None, lambda b=block: b(x))
             if mode == "scse_add":
@@ -87,7 +79,7 @@ def chunk_table(shape, layout: str, chunks=CHUNKS, rounds: int = 5, iters: int =
             for _ in range(rounds):
                 for name, (chunk, fwd) in variants.items():
                     if chunk is not None:
-                        os.environ["SCSE_SEG_CHUNK"] = str(chunk)
+                        cpu_se.CHUNK_ELEMENTS_PER_THREAD = chunk or x.numel()
                     times[name].append(_median_us(lambda f=fwd: f().backward(dy), 1, iters) / 1e3)
             base = statistics.median(times["chunk 0"])
             for name, ts in times.items():
@@ -96,10 +88,7 @@ def chunk_table(shape, layout: str, chunks=CHUNKS, rounds: int = 5, iters: int =
                              "vs_unchunked": ms / base})
                 log(f"[chunks] {layout} {mode} {name}: {ms:.2f} ms")
     finally:
-        if old is None:
-            os.environ.pop("SCSE_SEG_CHUNK", None)
-        else:
-            os.environ["SCSE_SEG_CHUNK"] = old
+        cpu_se.CHUNK_ELEMENTS_PER_THREAD = old
     return rows
 
 
@@ -125,7 +114,7 @@ def main(argv=None, log=print) -> dict:
               for r in chunk_table(shape, lay, args.chunks, args.rounds, args.iters, log)]
     env = environment("cpu")
     report = (
-        "# Chunk size of the ops fast path (issue 12)\n\n"
+        "# Chunk size of the CPU fast path\n\n"
         f"- command: `python bench/bench_chunks.py {shlex.join(argv or sys.argv[1:])}`\n"
         f"- environment: {', '.join(f'{k} {v}' for k, v in env.items())}\n"
         f"- {torch.get_num_threads()} torch threads, fp32\n\n"

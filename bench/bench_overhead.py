@@ -194,8 +194,6 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
     settings = [parse_setting(t) for t in args.scse_setting]
     rows = run_overhead(args.layout, args.archs, work, args.rounds, args.warmup, args.eager,
                         not args.no_anchor, args.device, log, save, settings)
-    from scse_seg.kernels import fast_se
-
     env = environment(args.device)
     report = (
         "# Training-step overhead of scSE, paired rounds (issue 12)\n\n"
@@ -205,8 +203,8 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
         f"{args.size}², {args.classes} classes, paper architectures at width {args.width}, smp "
         f"encoder {args.encoder} (random init); {args.warmup} untimed steps per variant, then "
         f"{args.rounds} rounds of one step per variant in rotated order\n"
-        f"- impl: 'fast' = the blocks' default CPU path (`SCSE_SEG_FAST={fast_se.backend_name()}`"
-        "), 'torch' = their eager formulas, 'smp' = smp's own Unet with/without its scSE\n"
+        "- impl: 'fast' = the blocks' default CPU path (scSE: `scse_seg.kernels.cpu_se`), "
+        "'torch' = their eager formulas, 'smp' = smp's own Unet with/without its scSE\n"
         "- overhead: median over rounds of (step time / `none` step time of the same round) − 1;"
         " CI: distribution-free 95 % interval of that median\n\n"
         + markdown_table(rows, COLUMNS) + "\n")

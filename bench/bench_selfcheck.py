@@ -42,7 +42,8 @@ def _sync(device: torch.device) -> None:
 
 def measure(device: torch.device, modes, dims, dtypes, layouts, log=print) -> list[dict]:
     from scse_seg import kernels
-    from scse_seg.kernels import fast_se, selfcheck
+    from scse_seg.kernels import ops, selfcheck
+    from scse_seg.kernels.gates import acc_dtype, module_params
 
     rows = []
     for dim in dims:
@@ -54,7 +55,7 @@ def measure(device: torch.device, modes, dims, dtypes, layouts, log=print) -> li
                     if layout == "channels_last":
                         like = like.contiguous(memory_format=torch.channels_last if dim == 2
                                                else torch.channels_last_3d)
-                    fn = kernels._triton_fn()
+                    fn = kernels.TRITON_FN or ops.se_function
                     _sync(device)
                     t0 = time.perf_counter()
                     ok = selfcheck.trusted(fn, like, mode)
@@ -74,10 +75,9 @@ def measure(device: torch.device, modes, dims, dtypes, layouts, log=print) -> li
                     if layout == "channels_last":
                         x = x.contiguous(memory_format=torch.channels_last if dim == 2
                                          else torch.channels_last_3d)
-                    params = selfcheck._params(mode, real[1], dim + 2, fast_se.acc_dtype(dtype),
-                                               device, torch.Generator().manual_seed(0))
+                    block = selfcheck.reference_block(mode, real[1], dim, acc_dtype(dtype), 0)
                     xr = x.requires_grad_()
-                    ps = {k: v.requires_grad_() for k, v in params.items()}
+                    ps = module_params(block.to(device), mode)
                     _sync(device)
                     t0 = time.perf_counter()
                     y = fn(xr, mode, **ps)

@@ -1,7 +1,6 @@
 """Host vs device time of one SE block call (forward + backward) on CUDA, per implementation:
-``fused`` (the Triton kernels through a plain autograd.Function, the eager default),
-``fused-op`` (the same kernels through the torch.library custom op, what torch.compile uses),
-``torch`` (the eager formulas), ``fast`` (the PyTorch fast path) and ``smp`` (smp's SCSEModule).
+``fused`` (the Triton kernels through their torch.library custom ops), ``torch`` (the eager
+formulas) and ``smp`` (smp's SCSEModule).
 ``host`` is the time to issue a call; ``wall`` includes waiting for the GPU: a call is host-bound
 when the two are equal.
 
@@ -38,17 +37,14 @@ def main():
     p.add_argument("--calls", type=int, default=50)
     args = p.parse_args()
     from bench.bench_blocks import make_block
-    from scse_seg.kernels import ops
 
     for shape in args.shapes:
         dims = [int(v) for v in shape.split("x")]
         x = torch.randn(dims, device="cuda").relu().requires_grad_()
         dy = torch.randn_like(x)
-        for impl in ("fused", "fused-op", "torch", "fast", "smp"):
+        for impl in ("fused", "torch", "smp"):
             variant = "smp_scse" if impl == "smp" else args.mode
-            m = make_block(variant, dims[1], fused=impl.startswith("fused"),
-                           fast=impl == "fast").cuda()
-            ops.EAGER_FUNCTION = impl != "fused-op"
+            m = make_block(variant, dims[1], fused=impl == "fused").cuda()
 
             def call(m=m, x=x, dy=dy):
                 m(x).backward(dy)
@@ -56,7 +52,6 @@ def main():
             host, wall = per_call(call, args.calls)
             print(f"{shape} {args.mode} {impl:9s} host {host * 1e6:7.0f} us/call, "
                   f"wall {wall * 1e6:7.0f} us/call")
-        ops.EAGER_FUNCTION = True
 
 
 if __name__ == "__main__":

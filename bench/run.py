@@ -142,10 +142,9 @@ def header(args, argv, bandwidth=None) -> str:
     else:
         fused = "off" + ("" if cuda else " (CPU)")
     lines.append("Fused SE kernels: " + fused)
-    from scse_seg.kernels import fast_se
 
     lines.append("Impl: 'torch' = the blocks' plain eager formulas (`fused=False`); 'fast' = the "
-                 f"PyTorch fast path (`SCSE_SEG_FAST={fast_se.backend_name()}`); 'smp' = smp's own")
+                 "blocks' CPU fast path (scSE: `scse_seg.kernels.cpu_se`); 'smp' = smp's own")
     return "\n".join(f"- {line}" for line in lines)
 
 
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None, log=print) -> dict:
 
     if args.what in ("all", "models"):
         # no 'fast' model rows on CUDA: there the blocks' fast path is the Triton kernels
-        # (the 'fused' rows); the block table times the PyTorch fast path on any device
+        # (the 'fused' rows)
         cases = bench_models.model_cases(args.archs, args.attentions, fused=args.fused and cuda,
                                          anchor=not args.no_anchor, fast=not cuda)
         result["models"] = bench_models.run_models(grid, cases, workload(args), args.warmup,

@@ -5,13 +5,6 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-# The SE blocks' fast path: the hand-written torch-ops backend (the default; the inductor backend
-# costs a compilation per (mode, dims, dtype, layout) in every process, and
-# tests/test_fast_path.py checks both), at every map size: the tests' maps are tiny, and the size
-# threshold that sends small maps to the eager formulas (fast_se.MIN_ELEMENTS) would otherwise
-# keep the fast path out of every test that runs a block; tests/test_fast_path.py tests it.
-os.environ.setdefault("SCSE_SEG_FAST", "ops")
-os.environ.setdefault("SCSE_SEG_FAST_MIN", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -40,7 +40,7 @@ def report(tmp_path_factory):
 def test_models_table_has_every_row_and_column(report):
     out, result = report
     rows = _csv(out / "models.csv")
-    # every attention row as 'torch' (eager formulas) and 'fast' (the PyTorch fast path)
+    # every attention row as 'torch' (eager formulas) and 'fast' (the blocks' default path)
     assert len(rows) == len(result["models"]) == 4 * (1 + 3 * 2) + 2
     assert {r["impl"] for r in rows if r["attention"] != "none" and "smp." not in r["arch"]} == {
         "torch", "fast"}
@@ -72,7 +72,7 @@ def test_blocks_table_covers_every_shape_and_variant(report):
     # unet: 16..256 channels over 5 levels; densenet/sdnet: 16 channels at every level
     assert {s["chw"] for s in shapes} == {(16 * 2 ** i, 32 >> i, 32 >> i) for i in range(5)} | {
         (16, 32 >> i, 32 >> i) for i in range(5)}
-    fast_rows = len(bench_blocks.FUSED_MODES)  # our blocks also as impl 'fast'
+    fast_rows = len(bench_blocks.FAST_MODES)  # scSE also as impl 'fast'
     assert len(rows) == len(shapes) * (len(bench_blocks.VARIANTS) + fast_rows)
     for r in result["blocks"]:
         has_floor = r["variant"] != "none"
@@ -124,42 +124,6 @@ def test_selfcheck_cost_bench_under_triton_interpreter(tmp_path):
         ("sse", "channels_last")]
     assert all(r["trusted"] == "True" and float(r["err"]) < 1e-5 for r in rows)
     assert "| mode | dims |" in (tmp_path / "report.md").read_text()
-
-
-def test_thresholds_read_off_a_block_table(tmp_path, capsys):
-    """bench/thresholds.py: per mode, the smallest map from which the fast path never loses, in
-    any layout or table; 0 when it never loses. Hand-made tables, expected values by hand."""
-    from bench import thresholds
-
-    def table(path, rows):
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["variant", "impl", "shape", "layout", "fb_us"])
-            w.writeheader()
-            for variant, shape, layout, eager, fast in rows:
-                w.writerow(dict(variant=variant, impl="torch", shape=shape, layout=layout,
-                                fb_us=eager))
-                w.writerow(dict(variant=variant, impl="fast", shape=shape, layout=layout,
-                                fb_us=fast))
-        return str(path)
-
-    a = table(tmp_path / "a.csv", [
-        ("cse", "2×64×8×8", "nchw", 100, 150),  # 8192 elements: loses
-        ("cse", "2×64×16×16", "nchw", 300, 200),  # 32768: wins
-        ("cse", "2×64×16×16", "channels_last", 300, 310),  # ... but not in the other layout
-        ("cse", "2×64×32×32", "nchw", 900, 500),  # 131072: wins
-        ("sse", "2×64×8×8", "nchw", 100, 120),
-        ("sse", "2×64×16×16", "nchw", 300, 200),
-        ("scse_max", "2×64×8×8", "nchw", 100, 50),
-        ("scse_max", "2×64×16×16", "nchw", 300, 100),
-        ("scse_add", "2×64×8×8", "nchw", 100, 50),
-        ("scse_add", "2×64×16×16", "nchw", 300, 100)])
-    b = table(tmp_path / "b.csv", [("scse_add", "2×64×16×16", "nchw", 300, 301)])  # a rerun
-    assert thresholds.thresholds([dict(r, table=0) for r in csv.DictReader(open(a))])[0] == \
-        {"cse": 131072, "sse": 32768, "scse_max": 0, "scse_add": 0}
-    assert thresholds.main([a, b]) == 0
-    # a loss in either table counts; scse_add lost at its largest map (32768): above every map
-    assert "{'cse': 131072, 'sse': 32768, 'scse_max': 0, 'scse_add': 32769}" in \
-        capsys.readouterr().out
 
 
 # --- paired step overhead (bench/bench_overhead.py) ------------------------------------------
@@ -245,7 +209,9 @@ def test_chunk_bench_times_every_chunk_size_beside_eager_and_smp(tmp_path):
                 for v in ("chunk 0", "chunk 64", "eager")}
     assert got == expected | {(lay, "scse_add", "smp SCSEModule") for lay in ("nchw", "channels_last")}
     assert all(r["vs_unchunked"] == 1 for r in result["chunks"] if r["variant"] == "chunk 0")
-    assert os.environ.get("SCSE_SEG_CHUNK") is None  # the override is put back
+    from scse_seg.kernels import cpu_se
+
+    assert cpu_se.CHUNK_ELEMENTS_PER_THREAD == 131072  # the chunk size is put back
 
 
 def test_scse_setting_reaches_the_built_network():

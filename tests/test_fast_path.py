@@ -1,8 +1,9 @@
-"""The SE blocks' PyTorch fast path (scse_seg.kernels.fast_se) against their eager formulas.
+"""The scSE CPU fast path (scse_seg.kernels.cpu_se) against the blocks' eager formulas.
 
-The reference is the same block with ``fused=False`` (the plain formulas, differentiated by
-autograd). Both backends of the fast path are checked: ``ops`` for every mode, dim and layout;
-``compile`` (inductor) on a subset, since each (mode, dim, dtype, layout) costs a compilation.
+The reference is the same block with ``fused=False`` (its plain formulas, differentiated by
+autograd): forward and every gradient, both fusions, 2D and 3D, both layouts, fp64 and fp32,
+one chunk and many. Plus the rule that picks the path (scSE in training only; the one switch
+``SCSE_SEG_FUSED=0``), what it saves for backward, and the tracers.
 """
 from __future__ import annotations
 
@@ -12,24 +13,12 @@ import pytest
 import torch
 
 from scse_seg.blocks import ChannelSE, ConcurrentSE, SpatialSE
-from scse_seg.kernels import fast_se
+from scse_seg.kernels import cpu_se
+from scse_seg.kernels.gates import module_params
+from scse_seg.kernels.selfcheck import max_route_ambiguous, reference_block
 
-MODES = ["cse", "sse", "scse_max", "scse_add"]
+MODES = list(cpu_se.MODES)
 SHAPES = {2: (3, 5, 7, 9), 3: (2, 5, 3, 7, 4)}  # odd sizes everywhere
-
-
-def _block(mode: str, channels: int, dim: int, dtype=torch.float64):
-    if mode == "cse":
-        m = ChannelSE(channels, dim, fused=False)
-    elif mode == "sse":
-        m = SpatialSE(channels, dim, fused=False)
-    else:
-        m = ConcurrentSE(channels, dim, fusion=mode.split("_")[1], fused=False)
-    m = m.to(dtype)
-    with torch.no_grad():  # non-trivial biases, gates away from 0/1
-        for p in m.parameters():
-            p.normal_(0, 0.5)
-    return m
 
 
 def _layout(x, layout):
@@ -39,17 +28,21 @@ def _layout(x, layout):
     return x
 
 
-def _compare(mode, dim, layout, backend, dtype=torch.float64):
+def _fast(x, block, mode):
+    return cpu_se.se_function(x, mode, **module_params(block, mode))
+
+
+def _compare(mode, dim, layout, dtype=torch.float64, dy_layout=None):
     torch.manual_seed(0)
     shape = SHAPES[dim]
-    m = _block(mode, shape[1], dim, dtype)
+    m = reference_block(mode, shape[1], dim, dtype, seed=0)
     x = torch.randn(shape, dtype=dtype)
     x[torch.rand(shape) < 0.2] = 0  # ReLU-like zeros: ties of the max fusion (half/half)
     x = _layout(x, layout)
-    dy = torch.randn(shape, dtype=dtype)
+    dy = _layout(torch.randn(shape, dtype=dtype), dy_layout or layout)
     params = list(m.parameters())
     xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yf = fast_se.fast_se(xf, m, mode, backend=backend)
+    yf = _fast(xf, m, mode)
     gf = torch.autograd.grad(yf, [xf, *params], dy)
     ye = m(xe)
     ge = torch.autograd.grad(ye, [xe, *params], dy)
@@ -61,62 +54,43 @@ def _compare(mode, dim, layout, backend, dtype=torch.float64):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("mode", MODES)
-def test_ops_backend_matches_eager(mode, dim, layout):
-    assert _compare(mode, dim, layout, "ops") < 1e-6
-    assert _compare(mode, dim, layout, "ops", torch.float32) < 1e-4
+def test_matches_eager_formulas(mode, dim, layout):
+    assert _compare(mode, dim, layout) < 1e-6
+    assert _compare(mode, dim, layout, torch.float32) < 1e-4
 
 
-@pytest.mark.parametrize("chunk", [15, 500])  # 1 position per chunk; 33 positions
+@pytest.mark.parametrize("per_thread", [1, 200])  # a chunk of 1 position; of 200 // 15 = 13
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", MODES)
-def test_ops_backend_in_chunks_matches_eager(mode, layout, chunk, monkeypatch):
-    """The ops backend cut into many chunks (cSE's gate gradient summed across them, sSE's
-    weight gradient too): still the eager result. 2D 3x5x7x9 (N*C = 15 per position, 63
-    positions): a chunk of 15 elements is 1 position (63 chunks), one of 500 is 33 positions
-    (2 chunks, the second of 30)."""
-    from scse_seg.kernels import chunked_se
-
-    monkeypatch.setenv("SCSE_SEG_CHUNK", str(chunk))
-    assert chunked_se.positions_per_chunk(3, 5, 63, chunk) == (1 if chunk == 15 else 33)
-    assert _compare(mode, 2, layout, "ops") < 1e-6
-    assert _compare(mode, 3, layout, "ops", torch.float32) < 1e-4
+def test_many_chunks_match_eager_formulas(mode, layout, per_thread, monkeypatch):
+    """Cut into many chunks (cSE's gate gradient and sSE's weight gradient summed across them):
+    still the eager result. 2D 3x5x7x9 has N*C = 15 elements per position."""
+    monkeypatch.setattr(cpu_se, "CHUNK_ELEMENTS_PER_THREAD", per_thread)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert cpu_se._Chunks(torch.empty(SHAPES[2])).step == (1 if per_thread == 1 else 13)
+    assert _compare(mode, 2, layout) < 1e-6
+    assert _compare(mode, 3, layout, torch.float32) < 1e-4
 
 
-def test_ops_backend_takes_a_gradient_in_another_layout(monkeypatch):
+@pytest.mark.parametrize("x_layout,dy_layout", [("channels_last", "contiguous"),
+                                                ("contiguous", "channels_last")])
+def test_gradient_in_another_layout(x_layout, dy_layout):
     """dy in NCHW for a channels_last map (and the reverse): dx keeps the map's layout."""
-    monkeypatch.setenv("SCSE_SEG_CHUNK", "40")
-    torch.manual_seed(1)
-    m = _block("scse_max", 5, 2)
-    for x_layout, dy_layout in (("channels_last", "contiguous"), ("contiguous", "channels_last")):
-        x = _layout(torch.randn(SHAPES[2], dtype=torch.float64), x_layout)
-        dy = _layout(torch.randn(SHAPES[2], dtype=torch.float64), dy_layout)
-        xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-        (gf,) = torch.autograd.grad(fast_se.fast_se(xf, m, "scse_max", "ops"), [xf], dy)
-        (ge,) = torch.autograd.grad(m(xe), [xe], dy)
-        assert gf.stride() == x.stride() and (gf - ge).abs().max() < 1e-9
-
-
-@pytest.mark.parametrize("mode,dim,layout", [("scse_max", 2, "contiguous"),
-                                             ("scse_add", 3, "channels_last"),
-                                             ("sse", 2, "channels_last")])
-def test_compile_backend_matches_eager(mode, dim, layout):
-    assert _compare(mode, dim, layout, "compile") < 1e-6
+    assert _compare("scse_max", 2, x_layout, dy_layout=dy_layout) < 1e-9
 
 
 def test_all_ties_split_like_torch_maximum():
-    """Zero-initialised gate weights make g_c == g_s everywhere: every element is a tie of the
-    max fusion, and the gradient splits half/half exactly as torch.maximum's backward does."""
-    m = _block("scse_max", 4, 2)
+    """Zero gate weights make g_c == g_s everywhere: every element is a tie of the max fusion,
+    and the gradient splits half/half exactly as torch.maximum's backward does."""
+    m = reference_block("scse_max", 4, 2)
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
-    for backend in ("ops", "compile"):
-        xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-        gf = torch.autograd.grad(fast_se.fast_se(xf, m, "scse_max", backend).sum(),
-                                 [xf, *m.parameters()])
-        ge = torch.autograd.grad(m(xe).sum(), [xe, *m.parameters()])
-        assert max((a - b).abs().max().item() for a, b in zip(gf, ge)) < 1e-9, backend
+    xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gf = torch.autograd.grad(_fast(xf, m, "scse_max").sum(), [xf, *m.parameters()])
+    ge = torch.autograd.grad(m(xe).sum(), [xe, *m.parameters()])
+    assert max((a - b).abs().max().item() for a, b in zip(gf, ge)) < 1e-9
 
 
 def test_max_route_ambiguous_marks_near_ties_where_the_gradient_jumps():
@@ -124,7 +98,7 @@ def test_max_route_ambiguous_marks_near_ties_where_the_gradient_jumps():
     sse's bias by 1e-5 across the tie moves a whole dy*x term between the gate gradients), so
     comparisons of two precisions zero dy there; with that, fp32 matches fp64."""
     torch.manual_seed(3)
-    m = _block("scse_max", 2, 2)
+    m = reference_block("scse_max", 2, 2, seed=3)
     x = torch.randn(1, 2, 3, 4, dtype=torch.float64)
     ex, conv = m.cse.excite, m.sse.conv
     gc = torch.sigmoid(ex.fc2(torch.relu(ex.fc1(x.mean((2, 3))))))[0]  # (C,) by hand
@@ -133,10 +107,9 @@ def test_max_route_ambiguous_marks_near_ties_where_the_gradient_jumps():
         conv.bias.fill_((torch.logit(gc[0] + 1e-7) - dot[0, 0]).item())
     gs = torch.sigmoid(dot + conv.bias)
     expected = ((gc.reshape(1, 2, 1, 1) - gs.reshape(1, 1, 3, 4)).abs() < 1e-4) & (x != 0)
-    params = fast_se.module_params(m, "scse_max")
-    mask = fast_se.max_route_ambiguous(x, "scse_max", **params)
+    mask = max_route_ambiguous(m, x)
     assert mask[0, 0, 0, 0] and torch.equal(mask, expected)
-    assert fast_se.max_route_ambiguous(x, "scse_add", **params) is None
+    assert max_route_ambiguous(reference_block("scse_add", 2, 2), x) is None
     dy = torch.randn_like(x)
 
     def grads(block, xx, g):
@@ -152,14 +125,13 @@ def test_max_route_ambiguous_marks_near_ties_where_the_gradient_jumps():
     ref = grads(m, x, dy)
     m32 = copy.deepcopy(m).float()
     x32 = x.float().requires_grad_()
-    got = torch.autograd.grad(fast_se.fast_se(x32, m32, "scse_max", "ops"),
-                              [x32, *m32.parameters()], dy.float())
+    got = torch.autograd.grad(_fast(x32, m32, "scse_max"), [x32, *m32.parameters()], dy.float())
     for a, b in zip(got, ref):
         assert (a.double() - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
 def _saved(fn, x):
-    """Bytes and shapes of every tensor autograd saves for backward while ``fn(x)`` runs."""
+    """Shapes of every tensor autograd saves for backward while ``fn(x)`` runs."""
     shapes = []
 
     def pack(t):
@@ -171,56 +143,41 @@ def _saved(fn, x):
     return shapes
 
 
-def test_scse_saves_only_its_input_and_the_gates():
-    m = ConcurrentSE(8, 2)  # fused=True: the fast path on CPU
+@pytest.mark.parametrize("fusion,eager_maps", [("max", 3), ("add", 2)])
+def test_scse_saves_only_its_input_and_the_gates(fusion, eager_maps):
+    m = ConcurrentSE(8, 2, fusion=fusion)  # fused=True: the fast path on CPU
     ref = copy.deepcopy(m)
     ref.fused = False
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
     fast = [s for s in _saved(m, x) if s == tuple(x.shape)]
     eager = [s for s in _saved(ref, x) if s == tuple(x.shape)]
     assert len(fast) == 1, f"one map-sized saved tensor (x), got {len(fast)}"
-    assert len(eager) >= 3, "the counter sees the eager path's products (sanity)"
+    assert len(eager) >= eager_maps, "the counter sees eager's products (sanity)"
 
 
-def test_blocks_default_to_fast_path_and_switch_off(monkeypatch):
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+def _path(block, x):
+    return "fast" if "SEFunction" in type(block(x).grad_fn).__name__ else "eager"
+
+
+def test_rule_scse_in_training_only_and_the_one_switch(monkeypatch):
+    """CPU: scSE takes the fast path whenever a gradient is wanted, at any map size; cSE and
+    sSE (which save one map either way) and inference run the eager formulas; SCSE_SEG_FUSED=0
+    turns the fast path off, and the result is the eager one."""
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)  # a tiny map: no size threshold
+    for fusion in ("max", "add"):
+        assert _path(ConcurrentSE(4, 2, fusion=fusion), x) == "fast"
+    assert _path(ChannelSE(4, 2), x) == "eager" and _path(SpatialSE(4, 2), x) == "eager"
     m = ConcurrentSE(4, 2)
-    assert "SEFunction" in type(m(x).grad_fn).__name__
+    with torch.no_grad():
+        assert m(x).grad_fn is None
+    assert _path(m, x.detach()) == "fast"  # the parameters still want gradients
+    y_fast = m(x)
     monkeypatch.setenv("SCSE_SEG_FUSED", "0")
-    assert "SEFunction" not in type(m(x).grad_fn).__name__  # plain eager formulas
+    assert _path(m, x) == "eager"
+    assert torch.allclose(m(x), y_fast, atol=1e-6)
 
 
-def test_small_maps_take_the_eager_formulas_on_cpu(monkeypatch):
-    """Below fast_se.MIN_ELEMENTS (map elements) a block runs its eager formulas; from it on,
-    the fast path. conftest sets SCSE_SEG_FAST_MIN=0 for the rest of the suite."""
-    monkeypatch.delenv("SCSE_SEG_FAST_MIN", raising=False)
-    monkeypatch.setenv("SCSE_SEG_FAST", "ops")
-    for mode in MODES:
-        assert fast_se.min_elements(mode) == fast_se.MIN_ELEMENTS["ops"][mode]
-    monkeypatch.setitem(fast_se.MIN_ELEMENTS["ops"], "scse_max", 2 * 4 * 6 * 6)
-    m = ConcurrentSE(4, 2)
-    at = torch.randn(2, 4, 6, 6, requires_grad=True)  # 288 elements: the threshold itself
-    below = torch.randn(2, 4, 6, 5, requires_grad=True)  # 240
-    assert "SEFunction" in type(m(at).grad_fn).__name__
-    assert "SEFunction" not in type(m(below).grad_fn).__name__
-    y = m(below)  # the eager result is the block's, gradients included
-    ref = copy.deepcopy(m)
-    ref.fused = False
-    assert torch.equal(y, ref(below))
-    monkeypatch.setenv("SCSE_SEG_FAST_MIN", "1000")  # the override wins over the table
-    assert "SEFunction" not in type(m(at).grad_fn).__name__
-    monkeypatch.setenv("SCSE_SEG_FAST_MIN", "0")
-    assert "SEFunction" in type(m(below).grad_fn).__name__
-    monkeypatch.setenv("SCSE_SEG_FAST_MIN", "many")
-    with pytest.raises(ValueError, match="SCSE_SEG_FAST_MIN"):
-        m(at)
-
-
-@pytest.mark.parametrize("backend,chunk", [("ops", "0"), ("ops", "100"), ("compile", "0")])
-def test_autocast_bf16_on_cpu(backend, chunk, monkeypatch):
-    monkeypatch.setenv("SCSE_SEG_FAST", backend)
-    monkeypatch.setenv("SCSE_SEG_CHUNK", chunk)  # 100: 20 chunks of 6 positions (gradients
-    #                                              summed over chunks in fp32, not bf16)
+def test_autocast_bf16_on_cpu():
     torch.manual_seed(0)
     m = ConcurrentSE(8, 2)
     ref = copy.deepcopy(m)
@@ -238,9 +195,7 @@ def test_autocast_bf16_on_cpu(backend, chunk, monkeypatch):
         assert ((a.double() - b.double()).abs().max() / scale).item() < 5e-2
 
 
-@pytest.mark.parametrize("backend", ["ops", "compile"])
-def test_deterministic_mode_bit_exact(backend, monkeypatch):
-    monkeypatch.setenv("SCSE_SEG_FAST", backend)
+def test_deterministic_mode_bit_exact():
     torch.manual_seed(0)
     m = ConcurrentSE(8, 3)
     x = torch.randn(2, 8, 4, 5, 6)
@@ -291,23 +246,7 @@ def test_ddp_single_process(tmp_path):
         dist.destroy_process_group()
 
 
-def test_unknown_backend_is_refused(monkeypatch):
-    monkeypatch.setenv("SCSE_SEG_FAST", "numba")
-    with pytest.raises(ValueError, match="SCSE_SEG_FAST"):
-        fast_se.backend_name()
-
-
-def test_compile_failure_falls_back_to_ops_once(monkeypatch):
-    """No C++ compiler (or any inductor error): one warning, then the ops backend, same result."""
-    def broken(fn, key):
-        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-
-    monkeypatch.setattr(fast_se, "_compiled", broken)
-    monkeypatch.setattr(fast_se, "_COMPILE_FAILED", [])
-    m = _block("scse_add", 5, 2)
-    x = torch.randn(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
-    with pytest.warns(RuntimeWarning, match="using SCSE_SEG_FAST=ops instead") as rec:
-        y = fast_se.fast_se(x, m, "scse_add", backend="compile")
-        y.sum().backward()
-    assert len([w for w in rec if "SCSE_SEG_FAST" in str(w.message)]) == 1
-    assert torch.allclose(y, m(x))
+def test_other_modes_are_refused():
+    x = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="the CPU fast path serves scse_max, scse_add, not 'cse'"):
+        cpu_se.se_function(x, "cse", *[None] * 6)

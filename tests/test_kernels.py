@@ -1,4 +1,5 @@
-"""Fused Triton SE kernels (scse_seg.kernels) against the eager blocks.
+"""Fused Triton SE kernels (scse_seg.kernels, through their custom ops) against the blocks' eager
+formulas.
 
 On CPU the kernels run on the Triton interpreter, which must be switched on (TRITON_INTERPRET=1)
 before Triton decorates them. Other tests in the same pytest process may already have imported
@@ -13,6 +14,7 @@ channel tiles and the split channel loop; maps with ``x == 0`` exercise the scSE
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -34,13 +36,9 @@ TOL = 1e-6
 
 
 def _block(mode: str, channels: int, dim: int):
-    from scse_seg.blocks import ChannelSE, ConcurrentSE, SpatialSE
+    from scse_seg.kernels.selfcheck import reference_block  # fused=False: the eager formulas
 
-    if mode == "cse":  # fused=False: the blocks' plain eager formulas, the reference
-        return ChannelSE(channels, dim, fused=False)
-    if mode == "sse":
-        return SpatialSE(channels, dim, fused=False)
-    return ConcurrentSE(channels, dim, fusion=mode.split("_")[1], fused=False)
+    return reference_block(mode, channels, dim, torch.float32)
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -52,13 +50,10 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def _compare(mode, shape, layout, dy_layout=None, dtype=torch.float64, force_split=False,
-             custom_op=False):
+def _compare(mode, shape, layout, dy_layout=None, dtype=torch.float64, force_split=False):
     """Max abs difference (fused - eager) over output and all gradients, and layout checks."""
     from scse_seg import kernels
-    from scse_seg.kernels import ops, triton_se
-
-    ops.EAGER_FUNCTION = not custom_op
+    from scse_seg.kernels import triton_se
 
     torch.manual_seed(0)
     triton_se.MIN_PROGRAMS = 10 ** 6 if force_split else None
@@ -77,7 +72,6 @@ def _compare(mode, shape, layout, dy_layout=None, dtype=torch.float64, force_spl
     ye = m(xe)  # fused=False: the block's eager formulas
     ge = torch.autograd.grad(ye, [xe, *params], dy)
     err = max([(yf - ye).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(gf, ge)])
-    ops.EAGER_FUNCTION = True
     return {"err": err, "same_strides": yf.stride() == x.stride() and gf[0].stride() == x.stride(),
             "dtype_ok": yf.dtype == dtype and gf[0].dtype == dtype}
 
@@ -109,6 +103,9 @@ def _compare_low_precision(dtype, mode="scse_max"):
             and all(g.dtype == torch.float32 for g in gf[1:])}
 
 
+NAMES = ("fc1_w", "fc1_b", "fc2_w", "fc2_b", "sse_w", "sse_b")
+
+
 def _params(c, hidden, dtype=torch.float64, bias=True):
     g = torch.Generator().manual_seed(2)
 
@@ -119,17 +116,21 @@ def _params(c, hidden, dtype=torch.float64, bias=True):
             r(1, c, 1, 1), r(1) if bias else None]
 
 
-def _compare_compiled(fusion: str, backend: str):
-    """torch.compile(fullgraph) of a function using the custom op vs the same function eager."""
+def _scse(x, p, fusion):
     from scse_seg import kernels
 
+    return kernels.fused_se_function(x, f"scse_{fusion}", **dict(zip(NAMES, p)))
+
+
+def _compare_compiled(fusion: str, backend: str):
+    """torch.compile(fullgraph) of a function using the custom op vs the same function eager."""
     dtype = torch.float64 if backend == "aot_eager" else torch.float32
     x = torch.randn(2, 6, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     p = _params(6, 3, dtype)
 
     def f(x, *p):
-        return (kernels.fused_scse(x, *p, fusion=fusion) * 2).sin()
+        return (_scse(x, p, fusion) * 2).sin()
 
     y1 = f(x, *p)
     g1 = torch.autograd.grad(y1.sum(), [x, *p])
@@ -141,14 +142,12 @@ def _compare_compiled(fusion: str, backend: str):
 
 
 def _compare_functional_no_bias():
-    """fused_scse without biases vs the formula written in torch."""
+    """Fused scSE (add) without biases vs the formula written in torch."""
     import torch.nn.functional as F
-
-    from scse_seg import kernels
 
     x = torch.randn(3, 4, 6, 5, dtype=torch.float64, requires_grad=True)
     p = _params(4, 2, bias=False)
-    yf = kernels.fused_scse(x, *p, fusion="add")
+    yf = _scse(x, p, "add")
     gc = torch.sigmoid(F.linear(torch.relu(F.linear(x.mean((2, 3)), p[0])), p[2]))[..., None, None]
     gs = torch.sigmoid(F.conv2d(x, p[4]))
     ye = x * (gc + gs)
@@ -185,7 +184,7 @@ def _self_check(kernel: str):
     from scse_seg.kernels import ops, selfcheck
 
     def wrong(x, mode, **p):
-        return ops.fused_se_function(x, mode, **p) * 1.01
+        return ops.se_function(x, mode, **p) * 1.01
 
     def raising(x, mode, **p):
         raise RuntimeError("triton: out of resources")
@@ -226,10 +225,6 @@ def worker_cases():
         for layout in ("contiguous", "channels_last"):
             cases.append((f"tiles-{mode}-{layout}", lambda m=mode, lay=layout: _compare(
                 m, (2, 70, 20, 30), lay, force_split=True)))
-    for mode, shape in (("scse_max", (3, 5, 7, 9)), ("scse_add", (2, 5, 3, 4, 5))):
-        # eager calls normally bypass the custom op (ops.EagerSE); the op itself, eagerly
-        cases.append((f"exact-custom-op-{mode}-{len(shape) - 2}d",
-                      lambda m=mode, s=shape: _compare(m, s, "contiguous", custom_op=True)))
     cases += [
         ("mixed-dy-layout-scse_max", lambda: _compare("scse_max", (3, 5, 7, 9), "channels_last",
                                                       dy_layout="contiguous")),
@@ -343,24 +338,31 @@ def test_custom_op_opcheck(interpreter_results):
     assert _result(interpreter_results, "opcheck")["failed"] == []
 
 
-def test_available_follows_interpreter_flag(monkeypatch):
+def test_the_one_switch_turns_the_kernels_off(monkeypatch):
+    """SCSE_SEG_FUSED=0 wins even where the kernels could run: available() is False and no
+    mode of any block is routed to them (nor to the CPU fast path)."""
     from scse_seg import kernels
+    from scse_seg.kernels.gates import MODES, module_params
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels.available() == _triton_importable()
-    monkeypatch.setenv("SCSE_SEG_FUSED", "0")  # the off switch wins, even when they could run
-    assert kernels.available() is False
-    monkeypatch.delenv("SCSE_SEG_FUSED")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert kernels.available() == (_triton_importable() and torch.cuda.is_available())
+    monkeypatch.setattr(kernels, "_TRITON", True)  # as if Triton and a device were there
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+    assert kernels.available()
+    monkeypatch.setenv("SCSE_SEG_FUSED", "0")
+    assert not kernels.available()
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    for mode in MODES:
+        assert kernels.se(x, mode, module_params(_block(mode, 4, 2), mode)) is None
 
 
-def test_blocks_stay_eager_on_cpu():
-    """The blocks only route CUDA tensors to the kernels, so CPU training never needs Triton."""
-    from scse_seg.blocks import ConcurrentSE
+def test_blocks_never_need_triton_on_cpu():
+    """The blocks only route CUDA tensors to the kernels, so CPU training never imports Triton."""
+    import subprocess
 
-    m = ConcurrentSE(4)
-    assert m(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
+    code = ("import sys, torch; from scse_seg.blocks import ConcurrentSE; x = torch.randn(1, 4, 5, 5,"
+            " requires_grad=True); ConcurrentSE(4)(x).sum().backward(); print('triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_self_check_trusts_a_correct_kernel(interpreter_results):
@@ -377,8 +379,8 @@ def test_self_check_falls_back_and_warns_once(interpreter_results, case, problem
     assert res["known"] is False
     assert len(res["warnings"]) == 1, res["warnings"]
     assert problem in res["warnings"][0], res["warnings"][0]
-    assert "using the PyTorch path for the rest of this process" in res["warnings"][0]
-    assert res["err"] < 1e-5, "fell back to a path that matches the eager formulas"
+    assert "using the eager formulas for the rest of this process" in res["warnings"][0]
+    assert res["err"] < 1e-5, "fell back to the eager formulas"
 
 
 # ------------------------------------------------------------------------------------------
@@ -407,10 +409,9 @@ def test_gpu_block_uses_fused_and_matches_eager(mode, dim, dtype, channels_last)
         x = x.contiguous(memory_format=torch.channels_last if dim == 2
                          else torch.channels_last_3d)
     dy = torch.randn_like(x)
-    from scse_seg.kernels.fast_se import max_route_ambiguous, module_params
+    from scse_seg.kernels.selfcheck import max_route_ambiguous
 
-    ambiguous = max_route_ambiguous(x.double(), mode, **{
-        k: v.double() for k, v in module_params(m, mode).items() if v is not None})
+    ambiguous = max_route_ambiguous(copy.deepcopy(m).double(), x.double())
     if ambiguous is not None:  # max fusion's near-ties: the routing, not the kernel, decides
         dy = dy.masked_fill(ambiguous, 0)
     xf, xe = x.clone().requires_grad_(), x.double().requires_grad_()

@@ -5,11 +5,12 @@
 * scSE: both recalibrations concurrently, combined by element-wise ``max`` (journal version and the
   authors' code) or by ``add`` (MICCAI version, smp's ``SCSEModule``).
 
-Each block works for 2D and 3D maps. With ``fused=True`` (default) a block runs the fastest
-trusted implementation in :mod:`scse_seg.kernels`: the fused Triton kernels on CUDA (after a
-one-off self-check), elsewhere a PyTorch autograd Function that keeps only the input and the gates
-for backward. ``fused=False``, ``SCSE_SEG_FUSED=0``, and tracing by ``torch.compile`` /
-``torch.export`` run the plain eager formulas below (the reference).
+Each block works for 2D and 3D maps. Its eager formulas below are the reference of every fast
+path. With ``fused=True`` (default) a block runs its device's fast path from
+:mod:`scse_seg.kernels` where there is one: the fused Triton kernels on CUDA (after a one-off
+self-check), and on CPU, for scSE during training, an autograd Function that keeps only the input
+and the gates for backward. ``fused=False``, ``SCSE_SEG_FUSED=0``, and tracing by
+``torch.compile`` / ``torch.export`` run the eager formulas.
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ def _fast(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor | None:
     if not module.fused:
         return None
     from scse_seg import kernels
-    from scse_seg.kernels import fast_se
+    from scse_seg.kernels.gates import module_params
 
-    return kernels.se(x, mode, fast_se.module_params(module, mode))
+    return kernels.se(x, mode, module_params(module, mode))
 
 
 @register_attention("none")

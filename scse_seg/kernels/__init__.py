@@ -1,29 +1,23 @@
-"""Fast implementations of the SE blocks (cSE, sSE, scSE max/add; 2D and 3D).
+"""Fast paths of the SE blocks: what :mod:`scse_seg.blocks.se` runs instead of its eager formulas.
 
-:func:`se` is what the blocks call. It picks, per call:
+The eager formulas of the blocks are the reference; each fast path is checked against them.
+:func:`se` picks, per call:
 
-* the fused Triton kernels, on CUDA (or on CPU tensors when :data:`TRITON_ON_CPU` is set under
-  the Triton interpreter, for tests), once they passed their self-check (:mod:`.selfcheck`);
-* otherwise the PyTorch fast path (:mod:`.fast_se`): one autograd Function saving only ``x`` and
-  the gates;
-* ``None`` (the caller runs its eager formulas) under ``SCSE_SEG_FUSED=0``, while
-  ``torch.compile`` / ``torch.export`` / ``torch.jit`` trace the model (the compiler fuses the
-  plain formulas; exporters see standard ops), and off the Triton path when no gradient is
-  wanted (inference: the fast path's gain is in what it saves for backward and in backward;
-  its compiled steps would cost a compilation per predict process), and on CPU for maps smaller
-  than :data:`.fast_se.MIN_ELEMENTS` (where the eager formulas measured faster).
+* CUDA (or CPU tensors under the Triton interpreter when :data:`TRITON_ON_CPU` is set, for
+  tests): the fused Triton kernels (:mod:`.triton_se`) through the custom ops of :mod:`.ops`,
+  for every mode, once they passed their self-check for that kind of map (:mod:`.selfcheck`);
+* CPU, when a gradient is wanted: for scSE (max and add), one autograd Function
+  (:mod:`.cpu_se`) that saves ``x`` and the gates instead of eager scSE's two or three maps;
+  cSE and sSE keep their eager formulas, which save one map already, as inference does
+  (nothing is saved there);
+* ``None`` otherwise (the caller runs its eager formulas): under ``SCSE_SEG_FUSED=0`` (the one
+  switch that turns every fast path off), and while ``torch.compile`` / ``torch.export`` /
+  ``torch.jit`` trace the model (the compiler fuses the formulas; exporters see standard ops),
+  except for Triton kernels already trusted, whose custom ops trace.
 
-The Triton kernels:
-
-Two passes over the map forward (squeeze, excite) and two backward (reduce, input gradient),
-instead of the many passes eager ops make; see :mod:`.triton_se` (kernels) and :mod:`.ops`
-(custom ops ``scse_seg::se_forward`` & co. with autograd, torch.compile-compatible).
-
-Triton is imported lazily, on first use, so ``import scse_seg`` never needs it. The Triton CPU
-interpreter (``TRITON_INTERPRET=1``, set *before* the first use) runs the same kernels on CPU
-tensors, which is how the tests check them without a GPU. The blocks themselves take the fused
-path only for CUDA tensors (``scse_seg.blocks.se._use_fused``); on CPU call :func:`fused_se` or
-:func:`fused_scse` directly.
+Triton is imported lazily, on first use, so ``import scse_seg`` never needs it. Its CPU
+interpreter (``TRITON_INTERPRET=1``, set before the first use) runs the same kernels on CPU
+tensors: that is how the tests check them without a GPU.
 """
 from __future__ import annotations
 
@@ -31,25 +25,18 @@ import os
 
 import torch
 
-__all__ = ["available", "enabled", "se", "fused_se", "fused_cse", "fused_sse", "fused_scse",
-           "fused_se_function",
-           "interpreting"]
+__all__ = ["available", "enabled", "fused_se", "fused_se_function", "interpreting", "se"]
+
+_TRITON: bool | None = None  # can the kernels run here? (decided once, on first use)
+# Tests only: route CPU tensors to the Triton kernels (under TRITON_INTERPRET=1), and replace
+# the kernel function (e.g. by a wrong one, to test the self-check).
+TRITON_ON_CPU = False
+TRITON_FN = None
 
 
-_TRITON: bool | None = None  # cached result of the import attempt
-
-
-def _triton_importable() -> bool:
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-
-            _TRITON = True
-        except Exception:  # ImportError, or a broken install raising at import
-            _TRITON = False
-    return _TRITON
+def enabled() -> bool:
+    """False under ``SCSE_SEG_FUSED=0``: every block runs its eager formulas."""
+    return os.environ.get("SCSE_SEG_FUSED", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def interpreting() -> bool:
@@ -57,91 +44,63 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
-def enabled() -> bool:
-    """False under ``SCSE_SEG_FUSED=0``: every block runs its plain eager formulas (the
-    reference, e.g. to rule the fast paths out)."""
-    return os.environ.get("SCSE_SEG_FUSED", "1").strip().lower() not in ("0", "false", "off", "no")
-
-
 def available() -> bool:
-    """True when the fused kernels can run: Triton imports and either a CUDA device is present or
-    the Triton interpreter is on (then they run, slowly, on CPU tensors). ``SCSE_SEG_FUSED=0``
-    turns them off, so every block runs its eager formulas (e.g. to rule the kernels out)."""
-    if not enabled():
-        return False  # escape hatch: eager formulas everywhere
-    if not _triton_importable():
-        return False
-    return interpreting() or torch.cuda.is_available()
+    """True when the fused kernels can run: fast paths on, Triton imports, and a CUDA device or
+    the interpreter is there (decided on the first call of the process)."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON = interpreting() or torch.cuda.is_available()
+        except Exception:  # ImportError, or a broken install raising at import
+            _TRITON = False
+    return enabled() and _TRITON
 
 
 def _ops():
-    if not _triton_importable():
-        raise RuntimeError("fused SE kernels need triton (pip install triton)")
+    if not available():
+        raise RuntimeError("fused SE kernels need triton and a CUDA device (or TRITON_INTERPRET=1)")
     from . import ops
 
     return ops
 
 
-def fused_se(x: torch.Tensor, module: torch.nn.Module, mode: str) -> torch.Tensor:
-    """Run ``module`` (ChannelSE, SpatialSE or ConcurrentSE) on ``x`` with the fused kernels.
-    ``mode``: "cse", "sse", "scse_max" or "scse_add"."""
-    return _ops().fused_se(x, module, mode)
-
-
 def fused_se_function(x: torch.Tensor, mode: str, **params) -> torch.Tensor:
-    """Functional form: ``params`` are fc1_w, fc1_b, fc2_w, fc2_b (cSE) and sse_w, sse_b (sSE)."""
-    return _ops().fused_se_function(x, mode, **params)
+    """The fused kernels on ``x``: ``mode`` "cse", "sse", "scse_max" or "scse_add"; ``params``
+    fc1_w, fc1_b, fc2_w, fc2_b (cSE) and sse_w, sse_b (sSE)."""
+    return _ops().se_function(x, mode, **params)
 
 
-def fused_cse(x, fc1_w, fc1_b, fc2_w, fc2_b):
-    """Fused cSE: ``x * sigmoid(fc2(relu(fc1(mean(x)))))``."""
-    return _ops().fused_cse(x, fc1_w, fc1_b, fc2_w, fc2_b)
+def fused_se(x: torch.Tensor, module: torch.nn.Module, mode: str) -> torch.Tensor:
+    """Run block ``module`` (ChannelSE, SpatialSE or ConcurrentSE) on ``x`` with the kernels."""
+    from .gates import module_params
+
+    return fused_se_function(x, mode, **module_params(module, mode))
 
 
-def fused_sse(x, sse_w, sse_b):
-    """Fused sSE: ``x * sigmoid(conv1x1(x))``."""
-    return _ops().fused_sse(x, sse_w, sse_b)
+def _triton(x: torch.Tensor, mode: str, params: dict) -> torch.Tensor | None:
+    from . import selfcheck
 
-
-def fused_scse(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, fusion: str = "max"):
-    """Fused scSE: ``max(x*g_c, x*g_s)`` or ``x*(g_c + g_s)``."""
-    return _ops().fused_scse(x, fc1_w, fc1_b, fc2_w, fc2_b, sse_w, sse_b, fusion)
-
-
-# Tests only: route CPU tensors to the Triton kernels (they must run under TRITON_INTERPRET=1),
-# and replace the kernel function (e.g. by a wrong one, to test the self-check).
-TRITON_ON_CPU = False
-TRITON_FN = None
-
-
-def _triton_fn():
-    return TRITON_FN if TRITON_FN is not None else _ops().fused_se_function
-
-
-def _wants_triton(x: torch.Tensor) -> bool:
-    return (x.is_cuda or (TRITON_ON_CPU and x.device.type == "cpu")) and available()
+    fn = TRITON_FN or _ops().se_function
+    if torch.compiler.is_compiling():  # no check while tracing: only kernels already trusted
+        return fn(x, mode, **params) if selfcheck.known(x, mode) else None
+    return fn(x, mode, **params) if selfcheck.trusted(fn, x, mode) else None
 
 
 def se(x: torch.Tensor, mode: str, params: dict) -> torch.Tensor | None:
-    """The block ``mode`` ("cse", "sse", "scse_max", "scse_add") on ``x`` with ``params`` (see
-    :func:`.fast_se.module_params`) on the fastest trusted path; None: run the eager formulas."""
+    """Block ``mode`` ("cse", "sse", "scse_max", "scse_add") on ``x`` with ``params`` (see
+    :func:`.gates.module_params`) on its device's fast path; None: run the eager formulas."""
     if not enabled():
         return None
-    from . import fast_se, selfcheck
+    if x.is_cuda or (TRITON_ON_CPU and x.device.type == "cpu"):
+        return _triton(x, mode, params) if available() else None
+    from . import cpu_se
 
-    compiling = torch.compiler.is_compiling()
-    if _wants_triton(x):
-        fn = _triton_fn()
-        if compiling:  # cannot run a check while tracing: use the kernels only if already trusted
-            if selfcheck.known(x, mode):
-                return fn(x, mode, **params)
-        elif selfcheck.trusted(fn, x, mode):
-            return fn(x, mode, **params)
-    if compiling or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if (x.device.type != "cpu" or mode not in cpu_se.MODES or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or torch.jit.is_scripting() or not torch.is_grad_enabled()
+            or not (x.requires_grad or any(p is not None and p.requires_grad
+                                           for p in params.values()))):
         return None
-    if not (torch.is_grad_enabled()
-            and (x.requires_grad or any(p is not None and p.requires_grad for p in params.values()))):
-        return None  # inference: nothing is saved for backward; no compile for a predict call
-    if x.device.type == "cpu" and x.numel() < fast_se.min_elements(mode):
-        return None  # small map: the eager formulas cost less per call (fast_se.MIN_ELEMENTS)
-    return fast_se.se_function(x, mode, **params)
+    return cpu_se.se_function(x, mode, **params)

@@ -1,13 +1,12 @@
 """A self-check before the Triton kernels are trusted on a device.
 
-The fused kernels (:mod:`.triton_se`) are the default on CUDA, but a miscompiled or wrongly
-tuned kernel would silently corrupt training. So the first time a kernel is about to run for a
-(device, dtype, layout, dim, mode) in a process, it runs once on a small random map of that
-dtype and layout against the plain eager formulas (:func:`.fast_se.reference_se`, differentiated
-by autograd), forward and every gradient. On a mismatch beyond tolerance, or any exception from
-Triton, it warns once with the measured error and the fused kernels are off for the rest of the
-process (the blocks take the PyTorch fast path instead). The map is tiny (2 x 6 x 5 x 7), so the
-check itself costs milliseconds beyond the kernels' own first compilation.
+A miscompiled or wrongly tuned kernel would silently corrupt training. So the first time the
+kernels are about to run for a (device, dtype, layout, dim, mode) in a process, they run once on
+a small random map of that kind against the blocks' eager formulas (:mod:`scse_seg.blocks.se`,
+differentiated by autograd in the gate precision), forward and every gradient. On a mismatch
+beyond tolerance, or any exception from Triton, one warning gives the measured error and the
+kernels are off for the rest of the process (the blocks run their eager formulas). The map is
+tiny (2 x 6 x 5 x 7), so the check costs milliseconds beyond the kernels' first compilation.
 """
 from __future__ import annotations
 
@@ -16,8 +15,9 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
-from . import fast_se
+from .gates import acc_dtype, is_channels_last, module_params
 
 # relative tolerance (max |kernel - reference| / max |reference|, per output and gradient)
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -36,63 +36,80 @@ def reset() -> None:
         _failed = None
 
 
-def failed() -> Optional[str]:
-    """The warning text when a self-check failed in this process, else None."""
-    return _failed
-
-
 def _key(x: torch.Tensor, mode: str) -> tuple:
-    return (str(x.device), x.dtype, fast_se._channels_last(x), x.dim(), mode)
+    return (str(x.device), x.dtype, is_channels_last(x), x.dim(), mode)
 
 
 def known(x: torch.Tensor, mode: str) -> Optional[bool]:
     """The verdict for ``x``'s kind of map without running anything (None: not checked yet)."""
-    if _failed is not None:
-        return False
-    return _checked.get(_key(x, mode))
+    return False if _failed is not None else _checked.get(_key(x, mode))
 
 
-def _params(mode: str, channels: int, ndim: int, dtype: torch.dtype, device, gen) -> dict:
-    def rnd(*shape):
-        return (torch.randn(shape, generator=gen, dtype=dtype) * 0.5).to(device)
+def reference_block(mode: str, channels: int, dim: int, dtype: torch.dtype = torch.float64,
+                    seed: Optional[int] = None) -> nn.Module:
+    """The block that ``mode`` names, on its eager formulas (``fused=False``), in ``dtype``; with
+    ``seed``, random parameters (non-zero biases, gates away from 0 and 1)."""
+    from scse_seg.blocks import ChannelSE, ConcurrentSE, SpatialSE
 
-    p = {}
-    if mode != "sse":
-        hidden = max(1, channels // 2)
-        p.update(fc1_w=rnd(hidden, channels), fc1_b=rnd(hidden), fc2_w=rnd(channels, hidden),
-                 fc2_b=rnd(channels))
-    if mode != "cse":
-        p.update(sse_w=rnd(1, channels, *([1] * (ndim - 2))), sse_b=rnd(1))
-    return p
+    if mode == "cse":
+        block = ChannelSE(channels, dim, fused=False)
+    elif mode == "sse":
+        block = SpatialSE(channels, dim, fused=False)
+    else:
+        block = ConcurrentSE(channels, dim, fusion=mode.removeprefix("scse_"), fused=False)
+    block = block.to(dtype)
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.5)
+    return block
+
+
+@torch.no_grad()
+def max_route_ambiguous(block: nn.Module, x: torch.Tensor,
+                        margin: float = 1e-4) -> Optional[torch.Tensor]:
+    """Where an scSE-max ``block`` routes its gradient by less than ``margin`` (|g_c - g_s| <
+    margin, x != 0), as a boolean map like ``x``; None for other blocks.
+
+    ``max(x*g_c, x*g_s)`` is continuous, but its gradient jumps at ``g_c = g_s``: an element
+    routed to the other branch moves a whole ``dy * x`` term between the two gate gradients.
+    Two correct implementations whose gates differ by rounding (fp32 kernels vs an fp64
+    reference) therefore disagree there by O(1 / map size), far beyond fp32 tolerance; a
+    comparison zeroes ``dy`` at these elements (about 1e-4 of a random map)."""
+    if getattr(block, "fusion", None) != "max":
+        return None
+    xd = x.to(next(block.parameters()).dtype)
+    gc = block.cse.excite(xd)
+    gap = (gc.view(*gc.shape, *([1] * (x.dim() - 2))) - block.sse.gate(xd)).abs()
+    return (gap < margin) & (x != 0)
 
 
 def measure_error(kernel: Callable, like: torch.Tensor, mode: str) -> float:
-    """Largest relative error of ``kernel`` against the eager reference, over the output and the
-    gradients of the map and every parameter, on a small map with ``like``'s device, dtype,
-    layout and number of dims."""
+    """Largest relative error of ``kernel(x, mode, **params)`` against the block's eager
+    formulas, over the output and the gradients of the map and every parameter, on a small map
+    with ``like``'s device, dtype, layout and number of dims."""
     gen = torch.Generator().manual_seed(1234)
-    spatial = (5, 7) if like.dim() == 4 else (3, 5, 7)
-    shape = (2, 6, *spatial)
-    pdt = fast_se.acc_dtype(like.dtype)
+    shape = (2, 6, *((5, 7) if like.dim() == 4 else (3, 5, 7)))
     x = torch.randn(shape, generator=gen)
     x[torch.rand(shape, generator=gen) < 0.2] = 0  # ReLU-like zeros: ties of the max fusion
     x = x.to(like.device, like.dtype)
-    if fast_se._channels_last(like):
+    if is_channels_last(like):
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
                          else torch.channels_last_3d)
     dy = torch.randn(shape, generator=gen).to(like.device, like.dtype)
-    params = _params(mode, shape[1], len(shape), pdt, like.device, gen)
-    ambiguous = fast_se.max_route_ambiguous(x, mode, **params)
-    if ambiguous is not None:  # near-ties of the max fusion: no gradient there (see its doc)
+    block = reference_block(mode, shape[1], x.dim() - 2, acc_dtype(like.dtype), 4321).to(like.device)
+    ambiguous = max_route_ambiguous(block, x)
+    if ambiguous is not None:
         dy = dy.masked_fill(ambiguous, 0)
+    params = {k: v for k, v in module_params(block, mode).items() if v is not None}
+    ref_dtype = acc_dtype(like.dtype)
     results = []
     with torch.enable_grad(), torch.autocast(like.device.type, enabled=False):
-        for fn in (kernel, fast_se.reference_se):
+        for run in (lambda t: kernel(t, mode, **params), lambda t: block(t.to(ref_dtype))):
             xi = x.detach().clone().requires_grad_()
-            ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-            y = fn(xi, mode, **ps)
-            grads = torch.autograd.grad(y, [xi, *ps.values()], dy.to(y.dtype))
-            results.append([y, *grads])
+            y = run(xi)
+            results.append([y, *torch.autograd.grad(y, [xi, *params.values()], dy.to(y.dtype))])
     err = 0.0
     for got, ref in zip(*results):
         ref = ref.double()
@@ -110,11 +127,9 @@ def trusted(kernel: Callable, x: torch.Tensor, mode: str) -> bool:
     if verdict is not None:
         return verdict
     with _lock:
-        if _failed is not None:
-            return False
         key = _key(x, mode)
-        if key in _checked:
-            return _checked[key]
+        if _failed is not None or key in _checked:
+            return _failed is None and _checked[key]
         tol = TOLERANCE.get(x.dtype, LOW_PRECISION_TOLERANCE)
         what = f"{mode}, {str(x.dtype).replace('torch.', '')}, " \
                f"{'channels_last' if key[2] else 'contiguous'}, {x.dim() - 2}D, on {x.device}"
@@ -129,6 +144,6 @@ def trusted(kernel: Callable, x: torch.Tensor, mode: str) -> bool:
             problem = f"max relative error {err:.1e} > {tol:.0e}"
         _checked[key] = False
         _failed = (f"scse_seg: fused Triton SE kernel failed its self-check ({what}): {problem}; "
-                   "using the PyTorch path for the rest of this process")
+                   "using the eager formulas for the rest of this process")
     warnings.warn(_failed, RuntimeWarning, stacklevel=3)
     return False

@@ -20,9 +20,9 @@ small per-(n, c) / per-(n, p) outputs are returned in that accumulation dtype. C
 reductions go through small partial buffers summed by torch, so results are deterministic (no
 atomics).
 
-Modes (``MODE`` constexpr): 0 cse, 1 sse, 2 scSE max, 3 scSE add. For ``max``, ties
-(``x*g_c == x*g_s``, e.g. every ``x == 0`` after a ReLU) split the gradient half/half, exactly as
-``torch.maximum``'s backward does, so fused and eager gradients agree.
+Modes (``MODE`` constexpr: the index in :data:`.gates.MODES`): 0 cse, 1 sse, 2 scSE max, 3 scSE
+add. For ``max``, ties (``x*g_c == x*g_s``, e.g. every ``x == 0`` after a ReLU) split the gradient
+half/half, exactly as ``torch.maximum``'s backward does, so fused and eager gradients agree.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-MODES = {"cse": 0, "sse": 1, "scse_max": 2, "scse_add": 3}
+from .gates import MODES, acc_dtype, has_cse, has_sse
 
 # Split the channel loop of the reducing kernels over several programs when (spatial blocks x
 # batch) alone would leave the GPU idle (deep, low-resolution maps). None: 4 programs per SM on
@@ -47,14 +47,6 @@ def _min_programs(x: torch.Tensor) -> int:
     if x.is_cuda:
         return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
     return 1
-
-
-def has_cse(mode: int) -> bool:
-    return mode != 1
-
-
-def has_sse(mode: int) -> bool:
-    return mode != 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,13 +234,9 @@ def _bwd_input_kernel(x_ptr, dy_ptr, gc_ptr, logit_ptr, b_ptr, dxc_ptr, dlogit_p
 
 
 # --------------------------------------------------------------------------------------------
-# launchers (plain functions on real tensors; ops.py wraps them as custom ops)
+# launchers (plain functions on real tensors; ops.py wraps them as custom ops); ``mode`` is
+# one of :data:`.gates.MODES`
 # --------------------------------------------------------------------------------------------
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp64 for fp64 maps (exact tests), fp32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -334,7 +322,7 @@ def _dummy(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, device=x.device, dtype=acc_dtype(x.dtype))
 
 
-def squeeze(x: torch.Tensor, sse_w: torch.Tensor | None, mode: int
+def squeeze(x: torch.Tensor, sse_w: torch.Tensor | None, mode: str
             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Spatial means (N, C) for cSE and bias-free sSE logits (N, P), in one read of ``x``."""
     x, sx = strided(x)
@@ -360,7 +348,7 @@ def squeeze(x: torch.Tensor, sse_w: torch.Tensor | None, mode: int
 
 
 def excite(x: torch.Tensor, gc: torch.Tensor | None, logit: torch.Tensor | None,
-           sse_b: torch.Tensor | None, mode: int) -> torch.Tensor:
+           sse_b: torch.Tensor | None, mode: str) -> torch.Tensor:
     """The recalibrated map, same dtype and memory format as ``x``; one read, one write."""
     out = torch.empty_like(x)
     xs, sx = strided(x)
@@ -370,7 +358,8 @@ def excite(x: torch.Tensor, gc: torch.Tensor | None, logit: torch.Tensor | None,
     if g.N and g.C and g.P:
         _excite_kernel[g.tile_grid()](
             xs, gc if gc is not None else _dummy(x), logit if logit is not None else _dummy(x),
-            _bias(x, sse_b), dst, g.C, g.P, *sx, *flat_strides(dst), MODE=mode, **g.meta())
+            _bias(x, sse_b), dst, g.C, g.P, *sx, *flat_strides(dst), MODE=MODES.index(mode),
+            **g.meta())
     if dst is not out:
         out.copy_(dst)
     return out
@@ -381,7 +370,7 @@ def _bias(x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 
 
 def bwd_reduce(dy: torch.Tensor, x: torch.Tensor, gc: torch.Tensor | None,
-               logit: torch.Tensor | None, sse_b: torch.Tensor | None, mode: int
+               logit: torch.Tensor | None, sse_b: torch.Tensor | None, mode: str
                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """d loss / d g_c (N, C) and d loss / d g_s (N, P), in one read of ``x`` and ``dy``."""
     xs, sx = strided(x)
@@ -395,7 +384,7 @@ def bwd_reduce(dy: torch.Tensor, x: torch.Tensor, gc: torch.Tensor | None,
         _bwd_reduce_kernel[g.reduce_grid()](
             xs, dys, gc if gc is not None else _dummy(x), logit if logit is not None else _dummy(x),
             _bias(x, sse_b), pdgc, pdgs, g.C, g.P, *sx, *sy, g.n_pblk, g.N, g.c_per_prog,
-            MODE=mode, **g.meta())
+            MODE=MODES.index(mode), **g.meta())
     else:
         pdgc.zero_()
         pdgs.zero_()
@@ -406,7 +395,7 @@ def bwd_reduce(dy: torch.Tensor, x: torch.Tensor, gc: torch.Tensor | None,
 
 def bwd_input(dy: torch.Tensor, x: torch.Tensor, gc: torch.Tensor | None,
               logit: torch.Tensor | None, sse_b: torch.Tensor | None, dxc: torch.Tensor | None,
-              dlogit: torch.Tensor | None, sse_w: torch.Tensor | None, mode: int
+              dlogit: torch.Tensor | None, sse_w: torch.Tensor | None, mode: str
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """d loss / d x (like ``x``) and d loss / d w_sse (C,), in one read of x, dy, one write."""
     dx = torch.empty_like(x)
@@ -423,7 +412,7 @@ def bwd_input(dy: torch.Tensor, x: torch.Tensor, gc: torch.Tensor | None,
             xs, dys, gc if gc is not None else d, logit if logit is not None else d,
             _bias(x, sse_b), dxc if dxc is not None else d, dlogit if dlogit is not None else d,
             sse_w.reshape(-1).contiguous() if hs else d, dst, pdw,
-            g.C, g.P, *sx, *sy, *flat_strides(dst), g.n_pblk, MODE=mode, **g.meta())
+            g.C, g.P, *sx, *sy, *flat_strides(dst), g.n_pblk, MODE=MODES.index(mode), **g.meta())
     elif hs:
         pdw.zero_()
     if dst is not dx:

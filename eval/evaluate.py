@@ -46,7 +46,11 @@ def main(argv=None) -> int:
                    help="test-time flip augmentation with the flips training used "
                         "(data.augment.flip); refused for runs trained without flips")
     p.add_argument("--save-predictions", metavar="DIR",
-                   help="write predictions as NIfTI (original label values, source affine)")
+                   help="write predictions as NIfTI (original label values, source affine); "
+                        "never into a dataset's folders or over existing files without --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--save-predictions may replace existing files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--csv", metavar="FILE", help="per-volume, per-structure results (default: "
                    "RUN_DIR/evaluation-{heldout|test-NAME}-CHECKPOINT.csv)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
@@ -57,11 +61,17 @@ def main(argv=None) -> int:
                             "--test (a separate labelled test set), not both")
         from scse_seg.evaluation.compare_report import write_results_csv
         from scse_seg.evaluation.runs import evaluate_run, format_run_summary
+        from scse_seg.fileio import check_writable_folder
 
+        csv_path = Path(args.csv) if args.csv else default_csv(args.run_dir, args.test, args.checkpoint)
+        if csv_path.is_dir():
+            raise UserError(f"--csv {csv_path} is a folder; pass a file name")
+        if Path(args.run_dir).is_dir() or args.csv:
+            check_writable_folder(csv_path.parent, "the results CSV")
         res = evaluate_run(args.run_dir, args.data, args.checkpoint, tta_flip=args.tta,
                            surface=args.surface, device=args.device,
-                           save_dir=args.save_predictions, test_path=args.test)
-        csv_path = Path(args.csv) if args.csv else default_csv(args.run_dir, args.test, args.checkpoint)
+                           save_dir=args.save_predictions, test_path=args.test,
+                           progress=not args.no_progress, overwrite=args.overwrite)
         try:
             write_results_csv([res], csv_path)
         except OSError as e:

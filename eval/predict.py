@@ -9,7 +9,9 @@ INPUT: a .nii/.nii.gz file, a folder of them, or a dataset folder (its imagesTs/
 nnU-Net channel files (case_0000.nii.gz) are written as case.nii.gz. A model trained on several
 channels (dataset.json 'modality' / 'channel_names') reads the same channels of every scan: one
 4D file with them on its last axis, or case_0000, case_0001... beside each other. OUTPUT: a folder
-(created), or a .nii.gz file name for a single input. Inputs are never overwritten.
+(created), or a .nii.gz file name for a single input. Inputs are never overwritten; an existing
+output, or an output inside a dataset's folders, only with --overwrite. Outputs are written to a
+staging folder and moved into place when every scan succeeded: an error leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -33,12 +35,14 @@ def main(argv=None) -> int:
     p.add_argument("--tta", action="store_true", help="test-time flip augmentation")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (and allow a dataset's folders)")
     args = p.parse_args(argv)
     try:
         from scse_seg.predictor import load_model, plan_outputs, predict_files
 
         loaded = load_model(args.run_dir, args.checkpoint, args.device, device_option="--device")
-        pairs = plan_outputs(args.input, args.output, loaded.in_channels)
+        pairs = plan_outputs(args.input, args.output, loaded.in_channels, args.overwrite)
         records = predict_files(loaded, pairs, tta=args.tta, progress=not args.no_progress)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -130,6 +130,11 @@ def write_curves(result: dict) -> Path | None:
     except ImportError as e:  # matplotlib missing
         print(f"warning: curves.png not written ({e})", file=sys.stderr)
         return None
+    except OSError as e:  # full disk: the run itself is saved
+        raise UserError(f"could not write {Path(result['run_dir']) / 'curves.png'} "
+                        f"({e.strerror or e}); the run finished and its checkpoints are saved: "
+                        "free disk space and rerun the same command with --resume to redraw it"
+                        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         run_dir = cfg.run_dir()
         result = Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
+            write_curves(result)
+            print(done_line(result))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"interrupted; resume with: python train_seg.py --resume {run_dir}", file=sys.stderr)
         return 130
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
-        write_curves(result)
-        print(done_line(result))
     return 0

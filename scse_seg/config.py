@@ -329,15 +329,23 @@ def _resolve_paths(data: dict, root: Path) -> None:
             node[keys[-1]] = str(p if p.is_absolute() else root / p)
 
 
-def load_yaml(path: str | Path, resolve_paths: bool = True) -> dict:
+def load_yaml(path: str | Path, resolve_paths: bool = True, _chain: tuple = ()) -> dict:
     """Read a config file (following ``base:``). With ``resolve_paths``, relative paths in it
     (data.path, data.phantom_dir, out, compare.out) are taken from the project root, see
     :func:`project_root`; paths given on the command line stay relative to the current folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; see configs/ for examples")
+    here = path.resolve()
+    if here in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain[_chain.index(here):], here))
+        raise ConfigError(f"config file {path}: its 'base:' chain loops ({loop}); a base config "
+                          "must not extend the file that names it")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file (not UTF-8); pass a YAML "
+                          "config such as configs/default.yaml") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
@@ -348,7 +356,9 @@ def load_yaml(path: str | Path, resolve_paths: bool = True) -> dict:
     if resolve_paths:
         _resolve_paths(data, project_root(path))
     if base is not None:
-        parent = load_yaml(path.parent / base, resolve_paths)
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {path}: 'base:' must name one config file, got {base!r}")
+        parent = load_yaml(path.parent / base, resolve_paths, (*_chain, here))
         return _deep_update(parent, data)
     return data
 

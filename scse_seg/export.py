@@ -10,11 +10,14 @@ specialises a bottleneck of size 1), and returns logits ``(N, K, ...)``.
 """
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
+from . import failpoints
 from .errors import UserError
 
 PROGRAM = "model.pt2"
@@ -65,19 +68,18 @@ def export_onnx(program, path: Path, dim: int, multiple: int, in_channels: int =
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt",
                onnx: bool = True) -> dict:
     """Write ``model.pt2``, ``preprocessing.json`` and (if possible and ``onnx``) ``model.onnx``
-    into the new or empty folder ``out``; returns what was written and why ONNX was skipped."""
-    from .fileio import atomic_write_bytes, atomic_write_text
+    into the new or empty folder ``out``; returns what was written and why ONNX was skipped.
+
+    The folder is built beside ``out`` and renamed into place at the end: a kill or a full disk
+    leaves ``out`` as it was (absent or empty), so the same command can simply be rerun."""
+    from .fileio import check_writable_folder, os_error_text, publish_folder, stage_folder
     from .predictor import load_model
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export folder {out} exists and is not empty; pass a new folder "
                         "(nothing is overwritten)")
-    p = out
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        raise UserError(f"cannot create {out}: {p} is a file, not a folder; pass another OUT")
+    check_writable_folder(out.parent, "the export")
     loaded = load_model(run_dir, checkpoint, "cpu")
     dim, multiple, c = loaded.cfg.model.dim, loaded.size_multiple, loaded.in_channels
     program = export_program(loaded.model, dim, multiple, c)
@@ -91,19 +93,31 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt"
                "this program); crop back",
                source_run=str(Path(run_dir).resolve()), checkpoint=checkpoint,
                torch_version=torch.__version__)
-    written = {}
-
-    def save(f):
-        torch.export.save(program, f)
-
-    atomic_write_bytes(out / PROGRAM, save)
-    written["program"] = str(out / PROGRAM)
+    buf = io.BytesIO()  # serialised in memory: a full disk is an OSError here, not a C++ abort
+    torch.export.save(program, buf)
     skipped = onnx_available() if onnx else "not requested"
+    try:
+        stage = stage_folder(out)
+    except OSError as e:
+        raise UserError(f"cannot create the export folder {out} ({os_error_text(e)}); pass a "
+                        "folder you can write to") from None
+    try:
+        (stage / PROGRAM).write_bytes(buf.getbuffer())
+        failpoints.hit("export_written")  # crash tests: die with the program but no json
+        if skipped is None:
+            export_onnx(program, stage / ONNX, dim, multiple, c)
+        pre["onnx"] = ONNX if skipped is None else f"skipped: {skipped}"
+        (stage / PREPROCESSING).write_text(json.dumps(pre, indent=1))
+        publish_folder(stage, out)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(f"could not write the export to {out} ({os_error_text(e)}); nothing was "
+                        "kept: free disk space or pass another folder") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    written = dict(program=str(out / PROGRAM), preprocessing=str(out / PREPROCESSING),
+                   onnx_skipped=skipped)
     if skipped is None:
-        export_onnx(program, out / ONNX, dim, multiple, c)
         written["onnx"] = str(out / ONNX)
-    pre["onnx"] = ONNX if "onnx" in written else f"skipped: {skipped}"
-    atomic_write_text(out / PREPROCESSING, json.dumps(pre, indent=1))
-    written["preprocessing"] = str(out / PREPROCESSING)
-    written["onnx_skipped"] = skipped
     return written

@@ -1,7 +1,8 @@
 """Fault injection for crash-safety tests (like etcd/FreeBSD "failpoints").
 
 ``SCSE_SEG_FAILPOINT=checkpoint_write:N`` kills the process with SIGKILL in the middle of the
-N-th checkpoint write (after part of the temp file is on disk, before the rename). Unset in
+N-th checkpoint write (after part of the temp file is on disk, before the rename);
+``export_written`` once an export's program is written, before preprocessing.json. Unset in
 normal use, where :func:`hit` costs one dictionary lookup.
 """
 from __future__ import annotations

@@ -20,6 +20,7 @@ import yaml
 
 from .config import build_config, load_yaml, parse_override
 from .errors import ConfigError, UserError
+from .runtime import show_progress
 
 GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "tta", "folds", "sweep",
              "ablate"}
@@ -252,9 +253,11 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     from .evaluation.runs import evaluate_run
+    from .fileio import check_writable_folder, os_error_text
     from .training import Trainer
 
     t_start = time.perf_counter()
+    check_writable_folder(spec.out, "the comparison")  # before hours of training, not after
     combos = spec.runs()
     unique = {}  # run folder -> config (a vanilla run serves every attention-only setting)
     for arch, attn, seed, fold, setting, block in combos:
@@ -264,7 +267,7 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
         i, n = spec.shard
         unique = {k: v for j, (k, v) in enumerate(unique.items()) if j % n == i}
     bar = tqdm(list(unique.values()), desc="training grid", unit="run",
-               disable=not spec.progress)
+               disable=not show_progress(spec.progress))
     for cfg in bar:
         cfg.train.progress = False
         run_dir = Path(cfg.out)
@@ -277,21 +280,16 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     if not evaluate:
         return spec.out
     evaluated = {}
-    bar = tqdm(list(unique), desc="evaluating grid", unit="run", disable=not spec.progress)
+    bar = tqdm(list(unique), desc="evaluating grid", unit="run", disable=not show_progress(spec.progress))
     for out in bar:
         run_dir = Path(out)
         cache = run_dir / "eval.json"
-        res = None
-        if cache.is_file():
-            saved = json.loads(cache.read_text())
-            rows = saved["result"]["rows"]
-            if saved.get("tta") == spec.tta and saved.get("surface") == spec.surface and \
-                    all("surface_penalty" in r for r in rows):  # older caches: re-evaluate
-                res = _from_cache(saved["result"])
+        key = eval_key(run_dir, spec)
+        res = _load_eval(cache, key)
         if res is None:
             t0 = time.perf_counter()
             res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False)
-            _save_eval(cache, res, spec, time.perf_counter() - t0)
+            _save_eval(cache, res, key, time.perf_counter() - t0)
         evaluated[out] = res
     if spec.shard:  # the report needs every run: written by an invocation without --shard
         _add_wall_time(spec.out, time.perf_counter() - t_start)  # counted in the report's total
@@ -301,7 +299,13 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
                for a, t, s, f, st, b in combos]
     from .evaluation.compare_report import write_comparison
 
-    write_comparison(results, spec, wall_seconds=_add_wall_time(spec.out, time.perf_counter() - t_start))
+    try:
+        write_comparison(results, spec,
+                         wall_seconds=_add_wall_time(spec.out, time.perf_counter() - t_start))
+    except OSError as e:
+        raise UserError(f"could not write the comparison into {spec.out} ({os_error_text(e)}); "
+                        "every run and its eval.json are kept: free disk space and rerun the "
+                        "same command (it only writes the report)") from None
     return spec.out
 
 
@@ -321,19 +325,38 @@ def _add_wall_time(out: Path, seconds: float) -> float:
     return sum(runs)
 
 
-def _save_eval(path: Path, ev, spec: GridSpec, seconds: float) -> None:
+def eval_key(run_dir: Path, spec: GridSpec, checkpoint: str = "last.pt") -> dict:
+    """Everything an evaluation's numbers depend on: the checkpoint's content (a run resumed to
+    more epochs has another last.pt), the evaluation options and the volumes scored."""
+    from .evaluation.runs import read_split
+    from .fileio import file_sha256
+
+    split = read_split(run_dir / "split.json")
+    return dict(checkpoint=checkpoint, sha256=file_sha256(run_dir / checkpoint), tta=spec.tta,
+                surface=spec.surface, dataset_root=split.get("dataset_root"), volumes=split["val"])
+
+
+def _load_eval(path: Path, key: dict):
+    """The cached evaluation if it was made with exactly ``key``; None (re-evaluate) when it is
+    missing, truncated or stale."""
+    from .evaluation.runs import RunEvaluation
+
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") != key:
+            return None
+        return RunEvaluation(**saved["result"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+
+
+def _save_eval(path: Path, ev, key: dict, seconds: float) -> None:
     from .fileio import atomic_write_text
 
     d = dict(ev.__dict__)
     d.pop("example", None)
-    atomic_write_text(path, json.dumps(dict(tta=spec.tta, surface=spec.surface,
-                                            eval_seconds=seconds, result=d), default=float))
-
-
-def _from_cache(d: dict):
-    from .evaluation.runs import RunEvaluation
-
-    return RunEvaluation(**d)
+    atomic_write_text(path, json.dumps(dict(key=key, eval_seconds=seconds, result=d),
+                                       default=float))
 
 
 __all__ = ["GridSpec", "run_grid", "UserError"]

@@ -120,6 +120,17 @@ def predict_volume_3d(model, image: np.ndarray, roi_size=(32, 32, 32), sw_batch_
     return p.numpy() if return_probs else p.argmax(0).numpy().astype(np.int64)
 
 
+def label_dtype(values) -> np.dtype:
+    """The smallest integer type holding every label value (uint8 for 0..255, int16 once a value
+    is negative, uint16 up to 65535, ...): a label 40000 stays 40000, never wraps. Past 32 bits
+    int64 (uint64 NIfTI files are refused by many tools)."""
+    lo, hi = int(np.min(values)), int(np.max(values))
+    for t in (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return np.dtype(t)
+    raise ValueError(f"label values {lo}..{hi} do not fit a 64-bit integer")
+
+
 def save_prediction_nifti(labels: np.ndarray, affine: np.ndarray, label_values, path,
                           like=None) -> Path:
     """Write class indices as the dataset's ORIGINAL label values with the source affine.
@@ -136,7 +147,7 @@ def save_prediction_nifti(labels: np.ndarray, affine: np.ndarray, label_values, 
 
     values = np.asarray(label_values, dtype=np.int64)
     out = values[np.asarray(labels, dtype=np.int64)]
-    dtype = np.uint8 if values.max() < 256 and values.min() >= 0 else np.int16
+    dtype = label_dtype(values)
     path = Path(path)
     affine = np.asarray(affine, dtype=np.float64)
     if like is not None:

@@ -10,9 +10,7 @@ the channels on its last axis, or nnU-Net's ``<case>_0000``, ``<case>_0001``... 
 """
 from __future__ import annotations
 
-import os
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, UserError
+from .runtime import show_progress
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = "_0000"  # nnU-Net: case_0000.nii.gz is channel 0 of case
@@ -224,17 +223,9 @@ def case_name(path: Path) -> str:
 def open_nifti(path: Path, channels: int | None = 1):
     """nibabel image of ``path`` (header only, data read lazily) with its checks: a NIfTI file,
     3D or 4D with ``channels`` channels on its last axis (or one; None: not checked here)."""
-    import nibabel as nib
+    from .data.nifti import open_nifti as open_checked
 
-    try:
-        img = nib.load(str(path))
-    except Exception as e:  # ImageFileError for foreign content, OSError/EOFError for truncation
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path} is not a readable NIfTI image ({msg}); pass .nii or .nii.gz "
-                        "files") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise DataError(f"{path} is a {type(img).__name__}, not a NIfTI image; convert it to "
-                        ".nii.gz first")
+    img = open_checked(path)
     shape = img.shape
     if channels is not None and len(shape) == 4 and shape[3] not in (1, channels):
         fix = "keep the modality it was trained on" if channels == 1 else \
@@ -249,15 +240,11 @@ def open_nifti(path: Path, channels: int | None = 1):
 def read_image(img, path: Path) -> np.ndarray:
     """The voxels of ``img`` (opened with ``open_nifti``) as a 3D array, or (C, X, Y, Z) for a
     4D file of C > 1 channels, checked finite."""
-    try:
-        data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path} cannot be read ({msg}); the file is truncated or corrupt") from None
+    from .data.nifti import read_voxels
+
+    data = read_voxels(img, path)
     if data.ndim == 4:
         data = data[..., 0] if data.shape[3] == 1 else np.moveaxis(data, -1, 0)
-    if not np.issubdtype(data.dtype, np.integer) and not np.all(np.isfinite(data)):
-        raise DataError(f"{path} has NaN/Inf voxels; replace them (e.g. with 0) first")
     return data
 
 
@@ -321,13 +308,15 @@ def read_scan(imgs: list, files: list[Path]) -> np.ndarray:
 # ----------------------------------------------------------------------------- files in, files out
 
 
-def plan_outputs(inputs: str | Path, output: str | Path,
-                 channels: int = 1) -> list[tuple[Path, Path]]:
+def plan_outputs(inputs: str | Path, output: str | Path, channels: int = 1,
+                 overwrite: bool = False) -> list[tuple[Path, Path]]:
     """(input file, output file) pairs for ``predict.py INPUT OUTPUT``, checked before anything
     is read or written: INPUT a NIfTI file, a folder of them or a dataset folder with
     ``imagesTs/``; OUTPUT a file (for one input ending in .nii/.nii.gz) or a folder; no output
-    may be an input. For a model of several ``channels`` an nnU-Net scan is planned once, by its
-    ``<case>_0000`` file (:func:`channel_files` lists the others, checked present here)."""
+    may be an input, land in a dataset's folders or replace an existing file (unless
+    ``overwrite``; never an input). For a model of several ``channels`` an nnU-Net scan is
+    planned once, by its ``<case>_0000`` file (:func:`channel_files` lists the others,
+    checked present here)."""
     src, dst = Path(inputs), Path(output)
     if not src.exists():
         raise UserError(f"input {src} not found; pass a NIfTI file or a folder of them")
@@ -380,7 +369,9 @@ def plan_outputs(inputs: str | Path, output: str | Path,
         if o in by_out:
             raise UserError(f"inputs {by_out[o].name} and {f.name} would both be written to {o}")
         by_out[o] = f
-    _check_writable(dst if not single_file else dst.parent)
+    from .fileio import check_can_write
+
+    check_can_write([o for _, o in pairs], overwrite, what="OUTPUT")
     return pairs
 
 
@@ -404,21 +395,11 @@ def _names(items: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _check_writable(folder: Path) -> None:
-    """OUTPUT must be a folder we can create and write to (checked before any prediction)."""
-    p = folder
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        raise UserError(f"cannot write to {folder}: {p} is a file, not a folder; pass another OUTPUT")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {folder}: {p} is not writable; pass another OUTPUT")
-
-
 def predict_files(loaded: LoadedModel, pairs: list[tuple[Path, Path]], tta: bool = False,
                   progress: bool = True) -> list[dict]:
     """Predict every (input, output) pair; headers are checked for all inputs before the first
-    prediction is written. Returns one record per file (seconds, shape)."""
+    prediction, and the outputs are moved into place only once every scan succeeded (a bad
+    second scan leaves no first output behind). Returns one record per file (seconds, shape)."""
     from tqdm.auto import tqdm
 
     from .data import normalise_channels
@@ -429,20 +410,30 @@ def predict_files(loaded: LoadedModel, pairs: list[tuple[Path, Path]], tta: bool
     for src, dst in pairs:
         files = channel_files(src, c)
         opened.append((open_scan(files, c), files, src, dst))
+    from .fileio import StagedFiles
+
     records = []
-    for imgs, files, src, dst in tqdm(opened, desc="predicting", unit="volume",
-                                      disable=not progress):
-        img = imgs[0]
-        t0 = time.perf_counter()
-        classes = loaded.predict_classes(normalise_channels(read_scan(imgs, files)), tta,
-                                         img.affine)
-        seconds = time.perf_counter() - t0  # predict_classes returns on the CPU: synchronised
+    with StagedFiles(pairs[0][1].parent) as staged:
+        for imgs, files, src, dst in tqdm(opened, desc="predicting", unit="volume",
+                                          disable=not show_progress(progress)):
+            img = imgs[0]
+            t0 = time.perf_counter()
+            classes = loaded.predict_classes(normalise_channels(read_scan(imgs, files)), tta,
+                                             img.affine)
+            seconds = time.perf_counter() - t0  # predict_classes returns on the CPU: synchronised
+            try:
+                save_prediction_nifti(classes, img.affine, loaded.label_values, staged.path(dst),
+                                      like=img)
+            except OSError as e:
+                raise UserError(f"could not write {dst} ({e.strerror or e}); nothing was written: "
+                                "pass another OUTPUT") from None
+            records.append(dict(input=str(src), output=str(dst), seconds=seconds,
+                                shape=list(classes.shape)))
         try:
-            save_prediction_nifti(classes, img.affine, loaded.label_values, dst, like=img)
+            staged.commit()
         except OSError as e:
-            raise UserError(f"could not write {dst} ({e.strerror or e}); pass another OUTPUT") from None
-        records.append(dict(input=str(src), output=str(dst), seconds=seconds,
-                            shape=list(classes.shape)))
+            raise UserError(f"could not move the predictions into {pairs[0][1].parent} "
+                            f"({e.strerror or e}); pass another OUTPUT") from None
     return records
 
 

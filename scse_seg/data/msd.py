@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,10 +106,13 @@ def _parse_labels(labels, js: Path) -> tuple[list[int], list[str]]:
     for k, v in labels.items():
         try:
             if isinstance(v, (int, float)) and not isinstance(v, bool):  # nnU-Net v2: name -> value
-                pairs.append((int(v), str(k)))
+                value, name = v, str(k)
             else:  # MSD: "value" -> name
-                pairs.append((int(k), str(v)))
-        except (TypeError, ValueError):
+                value, name = k, str(v)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            pairs.append((int(value), name))
+        except (TypeError, ValueError, OverflowError):
             raise DataError(f"{js}: label entry {k!r}: {v!r} is neither 'value: name' (MSD) nor "
                             "'name: value' (nnU-Net v2); region labels are not supported") from None
     pairs.sort()
@@ -168,10 +170,7 @@ def read_msd(root: str | Path) -> MSDDataset:
     if not js.is_file():
         raise DataError(f"{js} not found; an MSD/nnU-Net dataset needs a dataset.json listing "
                         "its labels and training cases")
-    try:
-        meta = json.loads(js.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{js} is not valid JSON ({e}); fix or regenerate it") from None
+    meta = _read_json(js)
     if not isinstance(meta, dict):
         raise DataError(f"{js} must hold a JSON object")
     if "labels" not in meta:
@@ -179,7 +178,7 @@ def read_msd(root: str | Path) -> MSDDataset:
     values, names = _parse_labels(meta["labels"], js)
     channels = _parse_channels(meta, js)
     n_ch = max(1, len(channels))
-    ending = meta.get("file_ending", ".nii.gz")
+    ending = _file_ending(meta, js)
     cases: list[CaseRef] = []
     if "training" in meta:
         if not isinstance(meta["training"], list):
@@ -201,15 +200,47 @@ def read_msd(root: str | Path) -> MSDDataset:
     else:  # nnU-Net v2: pair imagesTr/<case>_0000<ending> with labelsTr/<case><ending>
         for lab in sorted((root / "labelsTr").glob(f"*{ending}")):
             case = lab.name[: -len(ending)]
-            img = root / "imagesTr" / f"{case}_0000{ending}"
+            img = _inside(root, f"imagesTr/{case}_0000{ending}", "image")
             if img.is_file():
                 cases.append(CaseRef(case, img, lab, _channel_files(img, n_ch, ending, js, str(lab))))
+    _check_unique(cases, js)
     orphans = _find_orphans(root, cases, ending)
     if not cases:
         raise DataError(f"dataset {root} has no image/label pairs (dataset.json 'training' is "
                         "empty or labelsTr/ has no matching files)")
     return MSDDataset(root, str(meta.get("name", root.name)), cases, values, names, orphans,
                       channels[0] if channels else "", channels)
+
+
+def _read_json(js: Path):
+    try:
+        return json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise DataError(f"{js} is not valid JSON ({why}); fix or regenerate it") from None
+
+
+def _file_ending(meta: dict, js: Path) -> str:
+    """``file_ending`` (nnU-Net v2), a plain suffix such as ".nii.gz": never a path."""
+    ending = meta.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or not ending.startswith(".") or "/" in ending or \
+            "\\" in ending or ".." in ending:
+        raise DataError(f"{js}: 'file_ending' must be a file suffix such as \".nii.gz\"; got "
+                        f"{ending!r}")
+    return ending
+
+
+def _check_unique(cases: list[CaseRef], js: Path) -> None:
+    """A file listed twice would put one case in both the training and the validation split."""
+    for what, key in (("image", lambda c: c.image), ("label", lambda c: c.label)):
+        seen: dict[Path, int] = {}
+        for i, c in enumerate(cases):
+            f = Path(os.path.normpath(key(c)))
+            if f in seen:
+                raise DataError(f"{js}: training entries {seen[f]} and {i} both use the {what} file "
+                                f"{f}; list each case once (a repeated case would leak from the "
+                                "training into the validation split)")
+            seen[f] = i
 
 
 def _find_orphans(root: Path, cases: list[CaseRef], ending: str) -> list[str]:
@@ -235,27 +266,21 @@ def _find_orphans(root: Path, cases: list[CaseRef], ending: str) -> list[str]:
     return out
 
 
-def _load_nifti(path: Path):
-    import nibabel as nib
+def _load_nifti(path: Path, finite: bool = False):
+    from .nifti import load_nifti
 
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path} cannot be read ({msg}); the file is truncated or corrupt, "
-                        "re-export or re-download it") from None
-    except Exception as e:  # nibabel raises ImageFileError and others for non-NIfTI content
-        raise DataError(f"{path} is not a readable NIfTI image ({type(e).__name__}: {e})") from None
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return load_nifti(path, finite)
 
 
 def remap_labels(label: np.ndarray, label_values: list[int]) -> np.ndarray:
-    """Original label values -> contiguous class indices (values must all be declared)."""
-    lut_max = max(max(label_values), int(label.max(initial=0)))
-    lut = np.full(lut_max + 1, -1, dtype=np.int64)
-    lut[np.asarray(label_values)] = np.arange(len(label_values))
-    return lut[label]
+    """Original label values -> contiguous class indices (values must all be declared; -1 for
+    any that is not). A sorted search, not a table sized by the largest value: a label value of
+    10^12 costs nothing."""
+    values = np.asarray(sorted(label_values), dtype=np.int64)
+    order = np.argsort(np.asarray(label_values, dtype=np.int64), kind="stable")
+    label = np.asarray(label, dtype=np.int64)
+    pos = np.clip(np.searchsorted(values, label), 0, len(values) - 1)
+    return np.where(values[pos] == label, order[pos], -1)
 
 
 def restore_labels(classes: np.ndarray, label_values: list[int]) -> np.ndarray:
@@ -367,7 +392,7 @@ def read_test_set(path: str | Path) -> tuple[MSDDataset, str]:
     if not (root / "labelsTs").is_dir():
         return ds, "imagesTr"
     js = root / "dataset.json"
-    ending = json.loads(js.read_text()).get("file_ending", ".nii.gz")
+    ending = _file_ending(_read_json(js), js)
     cases, missing = [], []
     for lab in sorted((root / "labelsTs").glob(f"*{ending}")):
         case = lab.name[: -len(ending)]

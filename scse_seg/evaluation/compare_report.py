@@ -22,7 +22,7 @@ from ..metrics import mean_std, volume_mean_dice, volume_mean_surface
 from .stats import bootstrap_ci, seed_averaged, wilcoxon_p
 
 CSV_FIELDS = ["arch", "attention", "seed", "volume", "structure", "class_index", "dice", "hd95",
-              "asd", "status", "ref_voxels", "pred_voxels", "surface_penalty"]
+              "asd", "status", "ref_voxels", "pred_voxels", "surface_penalty", "checkpoint"]
 
 
 def _ordered(results, attr):
@@ -241,7 +241,10 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
                 cells.append(f"**{c}**" if top is not None and v[0] == top else c)
             w(f"| {s} | " + " | ".join(cells) + " |\n")
     w("\nFigures: `dice_boxplot.png`, `structures.png`, `overlay.png`, `curves.png`; every "
-      "per-volume, per-structure number: `results.csv`.\n")
+      "per-volume, per-structure number (and the checkpoint it scored): `results.csv`.\n")
+    w("\n## Checkpoints scored\n\n| run | checkpoint |\n|---|---|\n")
+    for r in {r.run_dir: r for r in results}.values():
+        w(f"| {Path(r.run_dir).name} | {r.checkpoint or 'n/a'} |\n")
     return out.getvalue()
 
 
@@ -253,7 +256,8 @@ def write_results_csv(results, path: Path) -> Path:
     wr.writeheader()
     for r in results:
         for row in r.rows:
-            wr.writerow(dict(row, arch=r.arch, attention=r.attention, seed=r.seed))
+            wr.writerow(dict(row, arch=r.arch, attention=r.attention, seed=r.seed,
+                             checkpoint=r.checkpoint))
     atomic_write_text(path, buf.getvalue())
     return path
 

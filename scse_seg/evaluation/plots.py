@@ -165,10 +165,15 @@ def training_curves(histories: Mapping[str, Mapping[str, Sequence[Sequence[dict]
 
 def _save(fig, path) -> Path:
     plt = _plt()
+    import io
+
+    from ..fileio import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()  # rendered in memory, then written atomically: never half a PNG on disk
+    fig.savefig(buf, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    atomic_write_bytes(path, lambda f: f.write(buf.getbuffer()))
     return path
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..predictor import tta_flip_axes  # noqa: F401  (was defined here; shared with predict.py)
+from ..predictor import tta_flip_axes
+from ..runtime import show_progress
 
 
 @dataclass
@@ -27,14 +28,7 @@ class RunEvaluation:
     history: list[dict] = field(default_factory=list)
     example: dict | None = None  # one volume's image/reference/prediction for overlays
     evaluated_on: str = "held-out volumes"  # or "test volumes in PATH"
-
-
-def load_run(run_dir: str | Path, checkpoint: str = "last.pt", device: str | torch.device = "cpu"):
-    """(model in eval mode, checkpoint dict, config) of a run folder (``scse_seg.load_model``)."""
-    from ..predictor import load_model
-
-    m = load_model(run_dir, checkpoint, torch.device(device))
-    return m.model, m.ckpt, m.cfg
+    checkpoint: str = ""  # which weights were scored: "last.pt (epoch 6, sha256 1a2b3c4d5e6f)"
 
 
 @dataclass
@@ -91,7 +85,7 @@ def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str 
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise UserError(f"{split_file} not found; {run_dir} is not a complete scse_seg run folder")
-    split = json.loads(split_file.read_text())
+    split = read_split(split_file)
     if test_path is not None:
         from ..data.msd import read_test_set
 
@@ -125,6 +119,20 @@ def open_run(run_dir: str | Path, data_path: str | None = None, checkpoint: str 
     return _OpenRun(loaded, ds, list(split["val"]))
 
 
+def read_split(path: Path) -> dict:
+    """A run's split.json, checked: a truncated or hand-edited file is one clear error."""
+    try:
+        split = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        split = None
+    if not isinstance(split, dict) or not isinstance(split.get("val"), list) or \
+            not all(isinstance(v, str) for v in split["val"]):
+        raise UserError(f"{path} is truncated or not a split written by train_seg.py (it needs a "
+                        "'val' list of volume names); resume the run with train_seg.py --resume "
+                        f"{path.parent} to rewrite it, or pass --test PATH")
+    return split
+
+
 def _check_channels(loaded, ds, what: str) -> None:
     """The volumes must hold the channels the model was trained on (dataset.json's)."""
     if ds.num_channels != loaded.in_channels:
@@ -138,14 +146,55 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
                  tta_flip: bool = False, surface: bool = False, device: str | None = None,
                  keep_example: bool = False, progress: bool = True,
                  save_dir: str | Path | None = None, test_path: str | Path | None = None,
-                 device_option: str = "--device") -> RunEvaluation:
+                 device_option: str = "--device", overwrite: bool = False) -> RunEvaluation:
     """Predict every held-out volume of ``run_dir`` and compute per-structure metrics.
 
     The last checkpoint is evaluated by default: the comparison trains on a fixed schedule and
     the held-out volumes are never used to pick a checkpoint, so the numbers are not optimistic.
     ``save_dir`` also writes each prediction as NIfTI (original label values, source affine).
     ``test_path``: evaluate every labelled volume of that test set instead (see ``open_run``).
+    Predictions are checked writable before the first volume and moved into ``save_dir`` only
+    when every volume succeeded; an existing file is replaced only with ``overwrite``.
     """
+    from ..fileio import StagedFiles, check_can_write
+
+    run_dir = Path(run_dir)
+    run = open_run(run_dir, data_path, checkpoint, device, test_path, device_option)
+    if tta_flip:
+        tta_flip_axes(run.cfg, run_dir)  # refuse before predicting anything
+    saved = {}
+    if save_dir is not None:
+        saved = {name: Path(save_dir) / f"{name}.nii.gz" for name in run.val}
+        check_can_write(list(saved.values()), overwrite, what="--save-predictions")
+    with StagedFiles(save_dir or ".") as staged:
+        rows, times, example = _evaluate_volumes(run, run_dir, tta_flip, surface, keep_example,
+                                                 progress, saved, staged)
+        try:
+            staged.commit()
+        except OSError as e:
+            raise UserError(f"could not write the predictions into {save_dir} ({e.strerror or e}); "
+                            "pass another --save-predictions folder") from None
+    hist = list(run.ckpt.get("history", []))
+    cfg = run.cfg
+    return RunEvaluation(
+        run_dir=str(run_dir), arch=cfg.model.arch, attention=cfg.model.attention, seed=cfg.seed,
+        params=sum(p.numel() for p in run.model.parameters()),
+        train_seconds=float(sum(h.get("seconds", 0.0) for h in hist)),
+        infer_seconds_per_volume=float(np.mean(times)) if times else float("nan"),
+        class_names=list(run.dataset.class_names), rows=rows, history=hist, example=example,
+        evaluated_on=run.evaluated_on, checkpoint=_checkpoint_identity(run.loaded))
+
+
+def _checkpoint_identity(loaded) -> str:
+    from ..fileio import file_sha256
+
+    sha = file_sha256(Path(loaded.run_dir) / loaded.checkpoint)[:12]
+    return f"{loaded.checkpoint} (epoch {int(loaded.ckpt.get('epoch', 0))}, sha256 {sha})"
+
+
+def _evaluate_volumes(run, run_dir: Path, tta_flip: bool, surface: bool, keep_example: bool,
+                      progress: bool, saved: dict, staged):
+    """Predict and score each volume; predictions go to ``staged`` paths for ``saved``."""
     from tqdm.auto import tqdm
 
     from .. import data as D
@@ -153,14 +202,10 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
     from ..inference import save_prediction_nifti
     from ..metrics import evaluate_volume
 
-    run_dir = Path(run_dir)
-    run = open_run(run_dir, data_path, checkpoint, device, test_path, device_option)
-    if tta_flip:
-        tta_flip_axes(run.cfg, run_dir)  # refuse before predicting anything
     k = int(run.ckpt["num_classes"])
     rows, times, example = [], [], None
     for name in tqdm(run.val, desc=f"evaluating {run_dir.name}", leave=False,
-                     disable=not progress):
+                     disable=not show_progress(progress)):
         vol = run.load(name)
         t0 = time.perf_counter()
         pred = run.predict(vol.image, tta_flip, vol.affine)
@@ -172,22 +217,16 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
         for r in evaluate_volume(pred, vol.label, k, run.dataset.class_names, spacing=spacing,
                                  surface=surface):
             rows.append(dict(r, volume=name))
-        if save_dir is not None:
-            save_prediction_nifti(pred, vol.affine, vol.label_values,
-                                  Path(save_dir) / f"{name}.nii.gz")
+        if name in saved:
+            try:
+                save_prediction_nifti(pred, vol.affine, vol.label_values, staged.path(saved[name]))
+            except OSError as e:
+                raise UserError(f"could not write {saved[name]} ({e.strerror or e}); nothing was "
+                                "saved: pass another --save-predictions folder") from None
         if keep_example and example is None:
             example = dict(name=name, image=D.channels_first(vol.image)[0], label=vol.label,
-                           pred=pred,
-                           axis=AXIS_INDEX[run.cfg.data.axis])
-    hist = list(run.ckpt.get("history", []))
-    cfg = run.cfg
-    return RunEvaluation(
-        run_dir=str(run_dir), arch=cfg.model.arch, attention=cfg.model.attention, seed=cfg.seed,
-        params=sum(p.numel() for p in run.model.parameters()),
-        train_seconds=float(sum(h.get("seconds", 0.0) for h in hist)),
-        infer_seconds_per_volume=float(np.mean(times)) if times else float("nan"),
-        class_names=list(run.dataset.class_names), rows=rows, history=hist, example=example,
-        evaluated_on=run.evaluated_on)
+                           pred=pred, axis=AXIS_INDEX[run.cfg.data.axis])
+    return rows, times, example
 
 
 def format_run_summary(res: RunEvaluation) -> str:

@@ -7,6 +7,7 @@ so a run resumed from its last checkpoint ends with exactly the weights of an un
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -25,14 +26,13 @@ from torch.utils.data import DataLoader
 from ..config import Config, config_from_dict, save_config
 from ..data.slices import AXIS_INDEX
 from ..errors import ConfigError, DataError, UserError
-from ..fileio import atomic_write_text, load_checkpoint, save_checkpoint
+from ..fileio import RunLock, atomic_write_text, load_checkpoint, save_checkpoint
 from ..inference import predict_volume_2d, predict_volume_3d
 from ..metrics import dice_counts, dice_from_counts
-from ..runtime import resolve_device
+from ..runtime import resolve_device, show_progress
 from . import distributed as ddp
 from .losses import SegmentationLoss, class_weights
 
-AXES = AXIS_INDEX  # kept for callers of the old name
 CHECKPOINT_VERSION = 1
 
 
@@ -112,7 +112,7 @@ def prepare_data(cfg: Config, info: ddp.DistInfo, progress: bool = True,
     from tqdm.auto import tqdm
 
     def load(names, what):
-        it = tqdm(names, desc=f"loading {what} volumes", disable=not (progress and info.is_main),
+        it = tqdm(names, desc=f"loading {what} volumes", disable=not show_progress(progress and info.is_main),
                   leave=False)
         return [D.resample_case(D.load_case(by_name[n], ds), dc.zoom, dc.target_spacing)
                 for n in it]
@@ -243,17 +243,18 @@ class Trainer:
         info = self.info
         self._resolve_resume()
         self._check_data()
-        if info.is_main:
-            self._check_run_dir()
-        threads = torch.get_num_threads()
-        if self.cfg.train.threads:
-            torch.set_num_threads(self.cfg.train.threads)
-        ddp.init(info, self.device)
-        try:
-            return self._fit()
-        finally:
-            ddp.cleanup(info)
-            torch.set_num_threads(threads)  # library use: leave the caller's setting as it was
+        with RunLock(self.run_dir) if info.is_main else contextlib.nullcontext():
+            if info.is_main:  # under the lock: a second process cannot pass this check at once
+                self._check_run_dir()
+            threads = torch.get_num_threads()
+            if self.cfg.train.threads:
+                torch.set_num_threads(self.cfg.train.threads)
+            ddp.init(info, self.device)
+            try:
+                return self._fit()
+            finally:
+                ddp.cleanup(info)
+                torch.set_num_threads(threads)  # library use: leave the caller's setting
 
     def _fit(self) -> dict:
         cfg, tc, info = self.cfg, self.cfg.train, self.info
@@ -449,7 +450,7 @@ class Trainer:
             before = float(partial["seconds"])
         every = tc.checkpoint_every_steps
         bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}", unit="batch", leave=False,
-                   disable=not (self.progress and info.is_main))
+                   disable=not show_progress(self.progress and info.is_main))
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(batches, start=done + 1):
             if step > steps:
@@ -601,12 +602,13 @@ def _check_compatible(ckpt: dict, cfg: Config, data: PreparedData, run_dir: Path
             raise ConfigError(f"--resume {run_dir}: the checkpoint has {key}={have!r} "
                               f"but this run has {key}={value!r}; resume with the original "
                               "settings or start a new run with --out")
-    saved = config_from_dict(ckpt["config"])
-    for section, key in [("model", k) for k in ("dim", "width", "fusion", "reduction",
-                                                  "bottleneck_attention", "encoder_name",
-                                                  "placement")] + \
-            [("train", "optimizer"), ("data", "folds"), ("data", "fold")]:
-        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+    saved = config_from_dict(ckpt["config"]).to_dict()
+    now = cfg.to_dict()
+    # the whole model config (any key changes the weights' meaning), and what fixes the data
+    keys = [("model", k) for k in sorted(set(saved["model"]) | set(now["model"]))] + \
+        [("train", "optimizer"), ("data", "folds"), ("data", "fold")]
+    for section, key in keys:
+        old, new = saved[section].get(key), now[section].get(key)
         if old != new:
             raise ConfigError(f"--resume {run_dir}: {section}.{key} was {old!r} in the checkpoint "
                               f"but is {new!r} now; resume with the original setting or start a "
@@ -614,6 +616,15 @@ def _check_compatible(ckpt: dict, cfg: Config, data: PreparedData, run_dir: Path
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
+    try:
+        _write_csv(path, history)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); this epoch's checkpoint "
+                        f"was saved: free disk space and resume with --resume {path.parent}"
+                        ) from None
+
+
+def _write_csv(path: Path, history: list[dict]) -> None:
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]

@@ -151,12 +151,12 @@ def save_prediction_nifti(labels: np.ndarray, affine: np.ndarray, label_values, 
     path = Path(path)
     affine = np.asarray(affine, dtype=np.float64)
     if like is not None:
-        img = type(like)(out.astype(dtype), affine, header=like.header.copy())
+        img = type(like)(out.astype(dtype), affine, header=like.header.copy(), dtype=dtype)
         img.header.set_slope_inter(1, 0)
         img.header.set_intent("label")
         img.header["cal_min"], img.header["cal_max"] = float(values.min()), float(values.max())
     else:
-        img = nib.Nifti1Image(out.astype(dtype), affine)
+        img = nib.Nifti1Image(out.astype(dtype), affine, dtype=dtype)
     img.set_data_dtype(dtype)
     data = img.to_bytes()
     if path.name.endswith(".gz"):

@@ -159,7 +159,9 @@ def test_reproduces_smp_decoder_attention_scse(arch):
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         expected = theirs(x)
-        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)  # float32 rounding
+        # float32 rounding through UNet++'s nested decoder reaches 2.4e-5 on a few of 24,576
+        # outputs (seen with the test run alone); the float64 check below is the equivalence
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4)
         # in float64 the rounding vanishes: the same function, to 1e-6 (in fact ~1e-15)
         torch.testing.assert_close(ours.double()(x.double()), theirs.double()(x.double()),
                                    rtol=0, atol=1e-6)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .nifti import load_nifti
 
 AFFINE_TOLERANCE = 1e-3
 
@@ -266,12 +267,6 @@ def _find_orphans(root: Path, cases: list[CaseRef], ending: str) -> list[str]:
     return out
 
 
-def _load_nifti(path: Path, finite: bool = False):
-    from .nifti import load_nifti
-
-    return load_nifti(path, finite)
-
-
 def remap_labels(label: np.ndarray, label_values: list[int]) -> np.ndarray:
     """Original label values -> contiguous class indices (values must all be declared; -1 for
     any that is not). A sorted search, not a table sized by the largest value: a label value of
@@ -310,7 +305,7 @@ def _read_channels(case: CaseRef, channels: int):
     checked: the channel count dataset.json declares, one grid for all channels."""
     files = case.image_files
     if len(files) == 1:
-        image, affine = _load_nifti(files[0])
+        image, affine = load_nifti(files[0], finite=False)
         if image.ndim == 4 and image.shape[3] == 1:
             image = image[..., 0]
         have = image.shape[3] if image.ndim == 4 else 1
@@ -329,7 +324,7 @@ def _read_channels(case: CaseRef, channels: int):
         return image, affine
     parts, affine = [], None
     for f in files:
-        data, aff = _load_nifti(f)
+        data, aff = load_nifti(f, finite=False)
         if data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]
         if data.ndim != 3:
@@ -351,7 +346,7 @@ def load_case(case: CaseRef, ds: MSDDataset, *, check: bool = True) -> Volume:
     """Read one image/label pair, check it, normalise the image (each channel on its own) and
     remap the labels. The image comes back (X, Y, Z), or (C, X, Y, Z) with several channels."""
     image, affine = _read_channels(case, ds.num_channels)
-    label, l_affine = _load_nifti(case.label)
+    label, l_affine = load_nifti(case.label, finite=False)
     if label.ndim == 4 and label.shape[3] == 1:
         label = label[..., 0]
     if label.shape != image.shape[-3:]:

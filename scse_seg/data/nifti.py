@@ -15,7 +15,6 @@ import numpy as np
 
 from ..errors import DataError
 
-ENDINGS = (".nii.gz", ".nii")
 # deflate cannot compress better than ~1032:1 (RFC 1951: 258-byte matches in ~2-bit codes), so a
 # .nii.gz file of n bytes holds at most ~1032 n bytes of voxels; a header claiming more is a lie
 DEFLATE_MAX_RATIO = 1032

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from helpers import ROOT
 
 from scse_seg.config import build_config, parse_override
-from scse_seg.training import SegmentationLoss, Trainer, median_frequency_weights, prepare_data
+from scse_seg.data.prepare import prepare_data
+from scse_seg.training import SegmentationLoss, Trainer, median_frequency_weights
 from scse_seg.training.distributed import DistInfo
 
 pytestmark = pytest.mark.skipif(
@@ -71,7 +72,7 @@ def test_torchrun_two_processes(tiny_phantom, ddp_run):
     # samples; BatchNorm statistics and the batch soft Dice stay per rank, as DDP without
     # SyncBatchNorm does) -> gradient clipping of that average -> one optimiser step
     cfg = build_config([], [parse_override(o) for o in _overrides(tiny_phantom, tmp / "r")])
-    data = prepare_data(cfg, DistInfo(), progress=False)
+    data = prepare_data(cfg, progress=False)
     assert data.train_set.transform is None  # really no augmentation (see NO_AUGMENT)
     trainer = Trainer(cfg, tmp / "ref")
     model, opt, _ = trainer._build(data)  # seeds with cfg.seed before building, as fit() does
@@ -119,4 +120,4 @@ def test_sync_batchnorm_on_cpu_is_a_config_error(tiny_phantom, tmp_path):
     trainer = Trainer(cfg, tmp_path / "r")
     trainer.info = DistInfo(launched=True)  # as under torchrun
     with pytest.raises(ConfigError, match="train.sync_batchnorm"):
-        trainer._build(prepare_data(cfg, DistInfo(), progress=False))
+        trainer._build(prepare_data(cfg, progress=False))

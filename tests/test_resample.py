@@ -80,12 +80,11 @@ def test_predictions_return_to_the_original_grid_through_probabilities(axis):
 
 def test_training_data_is_resampled(tiny_phantom):
     from scse_seg.config import build_config, parse_override
-    from scse_seg.training.distributed import detect
-    from scse_seg.training.engine import prepare_data
+    from scse_seg.data.prepare import prepare_data
 
     cfg = build_config([], [parse_override(f"data.path={tiny_phantom}"),
                             parse_override("data.zoom=0.5")])
-    data = prepare_data(cfg, detect(), progress=False)
+    data = prepare_data(cfg, progress=False)
     assert all(v.image.shape == v.label.shape == (16, 16, 16) for v in data.val_volumes)
     import nibabel as nib
 

@@ -240,6 +240,15 @@ def _train_case(kind, run, dataset, tmp):
         r = tmp / "run"
         shutil.copytree(run, r)
         return ["--resume", str(r), "--block", "sk"], "model.block"
+    if kind == "resume_another_checkpoint_version":  # CHECKPOINT_VERSION was written, never read
+        import torch
+
+        r = tmp / "run"
+        shutil.copytree(run, r)
+        ckpt = torch.load(r / "last.pt", weights_only=True)
+        ckpt["version"] = 99
+        torch.save(ckpt, r / "last.pt")
+        return ["--resume", str(r)], "checkpoint version 99"
     if kind == "config_base_names_itself":  # defect 11: RecursionError
         (tmp / "loop.yaml").write_text("base: loop.yaml\n")
         return ["--config", str(tmp / "loop.yaml"), "--out", str(tmp / "o")], "loops"
@@ -271,8 +280,9 @@ def _train_case(kind, run, dataset, tmp):
     raise AssertionError(kind)
 
 
-TRAIN = ["resume_with_another_block", "config_base_names_itself", "config_base_cycle_of_two",
-         "binary_config", "out_under_a_file", "duplicate_case", "file_ending_escapes"]
+TRAIN = ["resume_with_another_block", "resume_another_checkpoint_version",
+         "config_base_names_itself", "config_base_cycle_of_two", "binary_config",
+         "out_under_a_file", "duplicate_case", "file_ending_escapes"]
 
 
 @pytest.mark.parametrize("kind", TRAIN)

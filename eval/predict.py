@@ -21,7 +21,86 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scse_seg.errors import UserError  # noqa: E402
+from scse_seg.data.nifti import (  # noqa: E402
+    case_name,
+    channel_files,
+    channel_index,
+    check_channel_files_present,
+    is_nifti,
+    with_channel,
+)
+from scse_seg.errors import DataError, UserError  # noqa: E402
+from scse_seg.fileio import check_can_write  # noqa: E402
+
+
+def plan_outputs(inputs: str | Path, output: str | Path, channels: int = 1,
+                 overwrite: bool = False) -> list[tuple[Path, Path]]:
+    """(input file, output file) pairs for ``predict.py INPUT OUTPUT``, checked before anything
+    is read or written: INPUT a NIfTI file, a folder of them or a dataset folder with
+    ``imagesTs/``; OUTPUT a file (for one input ending in .nii/.nii.gz) or a folder; no output
+    may be an input, land in a dataset's folders or replace an existing file (unless
+    ``overwrite``; never an input). For a model of several ``channels`` an nnU-Net scan is
+    planned once, by its ``<case>_0000`` file (``channel_files`` lists the others,
+    checked present here)."""
+    src, dst = Path(inputs), Path(output)
+    if not src.exists():
+        raise UserError(f"input {src} not found; pass a NIfTI file or a folder of them")
+    if src.resolve() == dst.resolve():
+        raise UserError(f"OUTPUT {dst} is the same as INPUT; pass another folder for the "
+                        "predictions (inputs are never overwritten)")
+    if src.is_file():
+        if not is_nifti(src):
+            raise DataError(f"{src} is not a NIfTI file (.nii or .nii.gz)")
+        files = [src]
+    else:
+        folder = src
+        if not any(is_nifti(p) for p in folder.iterdir()) and (folder / "imagesTs").is_dir():
+            folder = folder / "imagesTs"  # a dataset folder: predict its test images
+        files = sorted(p for p in folder.iterdir() if is_nifti(p) and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"input folder {folder} holds no NIfTI files (.nii, .nii.gz); pass a "
+                            "folder of images, e.g. a dataset's imagesTs/")
+        names = {p.name for p in files}  # case_0001 beside case_0000: a second channel
+        extra = sorted(p.name for p in files if channel_index(p) not in (None, 0) and
+                       with_channel(p.name, 0) in names)
+        if extra and channels == 1:
+            raise DataError(f"{folder} holds channel files {_names(extra)} besides _0000; the model "
+                            "takes one channel: keep only the _0000 files of each case")
+        files = [p for p in files if p.name not in extra]  # read with their _0000 file
+        beyond = [n for n in extra if channel_index(Path(n)) >= channels]
+        if beyond and channels > 1:
+            raise DataError(f"{folder} holds channel files {_names(beyond)} beyond the "
+                            f"{channels} channels the model takes (_0000 to _{channels - 1:04d}); "
+                            "remove them or predict with a run trained on those channels")
+    for f in files:
+        check_channel_files_present(channel_files(f, channels), channels)
+    if src.is_dir() and is_nifti(dst):
+        raise UserError(f"OUTPUT {dst} is a file name but INPUT {src} is a folder; pass a folder "
+                        "for the predictions")
+    single_file = src.is_file() and is_nifti(dst)
+    if single_file:
+        pairs = [(src, dst)]
+    else:
+        if dst.exists() and not dst.is_dir():
+            raise UserError(f"OUTPUT {dst} exists and is not a folder; pass a folder (or a .nii.gz "
+                            "file name for a single input)")
+        ending = lambda p: ".nii" if p.name.endswith(".nii") else ".nii.gz"  # noqa: E731
+        pairs = [(f, dst / f"{case_name(f)}{ending(f)}") for f in files]
+    by_out: dict[Path, Path] = {}
+    ins = {c.resolve() for f in files for c in channel_files(f, channels)}
+    for f, o in pairs:
+        if o.resolve() in ins:
+            raise UserError(f"OUTPUT {o} would overwrite the input {f}; pass another folder")
+        if o in by_out:
+            raise UserError(f"inputs {by_out[o].name} and {f.name} would both be written to {o}")
+        by_out[o] = f
+    check_can_write([o for _, o in pairs], overwrite, what="OUTPUT")
+    return pairs
+
+
+def _names(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def main(argv=None) -> int:
@@ -39,7 +118,7 @@ def main(argv=None) -> int:
                    help="replace existing output files (and allow a dataset's folders)")
     args = p.parse_args(argv)
     try:
-        from scse_seg.predictor import load_model, plan_outputs, predict_files
+        from scse_seg.predictor import load_model, predict_files
 
         loaded = load_model(args.run_dir, args.checkpoint, args.device, device_option="--device")
         pairs = plan_outputs(args.input, args.output, loaded.in_channels, args.overwrite)

@@ -470,7 +470,7 @@ def test_predict_3d_model_keeps_shape_and_label_values():
 def test_four_digit_case_numbers_are_not_channels(tmp_path):
     """case_0001 is a second channel only beside case_0000 (nnU-Net); subj_0001, subj_0002 alone
     are cases, written under their own names."""
-    from scse_seg.predictor import plan_outputs
+    from predict import plan_outputs
 
     for name in ("subj_0001.nii.gz", "subj_0002.nii.gz", "b_0000.nii"):
         (tmp_path / name).write_bytes(b"")

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .nifti import load_nifti
-
-AFFINE_TOLERANCE = 1e-3
+from .nifti import AFFINE_TOLERANCE, load_nifti, open_scan, read_scan
 
 
 @dataclass
@@ -304,42 +302,10 @@ def _read_channels(case: CaseRef, channels: int):
     """(image (X, Y, Z) or (C, X, Y, Z), affine of channel 0) from the case's image file(s),
     checked: the channel count dataset.json declares, one grid for all channels."""
     files = case.image_files
-    if len(files) == 1:
-        image, affine = load_nifti(files[0], finite=False)
-        if image.ndim == 4 and image.shape[3] == 1:
-            image = image[..., 0]
-        have = image.shape[3] if image.ndim == 4 else 1
-        if image.ndim == 4 and have != channels:
-            raise DataError(f"{files[0]} has {have} channels (shape {image.shape}) but dataset.json "
-                            f"declares {channels}; list every channel in its 'modality' (MSD) or "
-                            "'channel_names' (nnU-Net), or keep one channel")
-        if image.ndim == 3 and channels > 1:
-            raise DataError(f"{files[0]} has 1 channel (shape {image.shape}) but dataset.json "
-                            f"declares {channels}; give each case one 4D file with all channels on "
-                            "the last axis, or one file per channel (<case>_0000, <case>_0001...)")
-        if image.ndim == 4:
-            image = np.moveaxis(np.asarray(image), -1, 0)  # MSD: X x Y x Z x C -> C x X x Y x Z
-        elif image.ndim != 3:
-            raise DataError(f"{files[0]} has shape {image.shape}; a 3D volume is expected")
-        return image, affine
-    parts, affine = [], None
-    for f in files:
-        data, aff = load_nifti(f, finite=False)
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            raise DataError(f"{f} has shape {data.shape}; each channel file must hold one 3D "
-                            "volume")
-        if parts and data.shape != parts[0].shape:
-            raise DataError(f"{f} has shape {data.shape} but {files[0].name} has "
-                            f"{parts[0].shape}; all channels of a case must be on one voxel grid")
-        if parts and not np.allclose(aff, affine, atol=AFFINE_TOLERANCE):
-            raise DataError(f"{f}: its affine differs from {files[0].name}'s by more than "
-                            f"{AFFINE_TOLERANCE}; resample every channel onto one grid")
-        parts.append(np.asarray(data))
-        affine = aff if affine is None else affine
-    dtype = np.result_type(*parts)
-    return np.stack([a.astype(dtype, copy=False) for a in parts]), affine
+    imgs = open_scan(files, channels, needs="dataset.json declares",
+                     too_many="list every channel in its 'modality' (MSD) or 'channel_names' "
+                              "(nnU-Net), or keep one channel")
+    return read_scan(imgs, files, finite=False), np.asarray(imgs[0].affine, dtype=np.float64)
 
 
 def load_case(case: CaseRef, ds: MSDDataset, *, check: bool = True) -> Volume:

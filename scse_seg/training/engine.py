@@ -438,7 +438,7 @@ def busy_warning(threads: int, device: torch.device) -> str | None:
         return None
     return (f"the machine is busy (load average {load:.1f} on {cpus} CPUs) and this run uses "
             f"{threads} threads; with other jobs competing for the cores, CPU training can be many "
-            "times slower. On a shared machine set train.threads=1 (README: Shared machines)")
+            "times slower. On a shared machine set train.threads=1 (README: Quick start)")
 
 
 def cuda_reproducibility_note(arch: str) -> str | None:

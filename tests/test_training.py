@@ -142,7 +142,6 @@ def _learns(out, floor):
     log = _log(out)
     loss = [float(r["train_loss"]) for r in log]
     dice = [float(r["val_dice"]) for r in log]
-    print(f"{out.name}: loss {loss} val Dice {dice}")
     assert loss[-1] < loss[0], loss
     assert dice[-1] > floor, dice
 

@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "command without --shard to write the report from the finished runs")
     p.add_argument("--epochs", type=int, help="training epochs of every run")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare)")
-    p.add_argument("--surface", action="store_true", help="also HD95 and average surface distance")
+    p.add_argument("--surface", action="store_true",
+                   help="also HD95, average surface distance and normalised surface Dice (NSD)")
+    p.add_argument("--nsd-tolerance", type=float, metavar="MM",
+                   help="the NSD's tolerance in mm (default 1)")
     p.add_argument("--tta", action="store_true",
                    help="test-time flip augmentation with the flips training used "
                         "(data.augment.flip); refused for runs trained without flips")

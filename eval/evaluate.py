@@ -41,7 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("--test", metavar="PATH", help="evaluate every labelled volume of this test set "
                    "instead (imagesTs/+labelsTs/, or another dataset's imagesTr/+labelsTr/)")
     p.add_argument("--checkpoint", default="last.pt", help="last.pt (default) or best.pt")
-    p.add_argument("--surface", action="store_true", help="also HD95 and average surface distance")
+    p.add_argument("--surface", action="store_true",
+                   help="also HD95, average surface distance and normalised surface Dice (NSD)")
+    p.add_argument("--nsd-tolerance", type=float, metavar="MM",
+                   help="the NSD's tolerance in mm (default 1)")
     p.add_argument("--tta", action="store_true",
                    help="test-time flip augmentation with the flips training used "
                         "(data.augment.flip); refused for runs trained without flips")
@@ -68,7 +71,11 @@ def main(argv=None) -> int:
             raise UserError(f"--csv {csv_path} is a folder; pass a file name")
         if Path(args.run_dir).is_dir() or args.csv:
             check_writable_folder(csv_path.parent, "the results CSV")
+        from scse_seg.metrics import check_nsd_tolerance
+
+        tolerance = check_nsd_tolerance(1.0 if args.nsd_tolerance is None else args.nsd_tolerance)
         res = evaluate_run(args.run_dir, args.data, args.checkpoint, tta_flip=args.tta,
+                           nsd_tolerance=tolerance,
                            surface=args.surface, device=args.device,
                            save_dir=args.save_predictions, test_path=args.test,
                            progress=not args.no_progress, overwrite=args.overwrite)

@@ -22,8 +22,8 @@ from .config import build_config, load_yaml, parse_override
 from .errors import ConfigError, UserError
 from .runtime import show_progress
 
-GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "tta", "folds", "sweep",
-             "ablate"}
+GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "nsd_tolerance", "tta", "folds",
+             "sweep", "ablate"}
 # keys that change only the attention blocks: the vanilla (none) run is the same for every value,
 # so it is trained once and serves as the baseline of each swept setting
 ATTENTION_ONLY_KEYS = {"model.reduction", "model.fusion", "model.bottleneck_attention",
@@ -38,6 +38,7 @@ class GridSpec:
     seeds: int = 1
     out: Path = Path("runs/compare")
     surface: bool = False
+    nsd_tolerance: float = 1.0  # mm, the normalised surface Dice's (with surface)
     tta: bool = False
     folds: int | None = None  # K-fold cross-validation over subjects (None: one split)
     sweep: dict = field(default_factory=dict)  # config key -> list of values (crossed)
@@ -85,6 +86,11 @@ class GridSpec:
         if getattr(args, "shard", None):
             spec.shard = parse_shard(args.shard)
         spec.surface = spec.surface or args.surface
+        if getattr(args, "nsd_tolerance", None) is not None:
+            spec.nsd_tolerance = args.nsd_tolerance
+        from .metrics import check_nsd_tolerance
+
+        spec.nsd_tolerance = check_nsd_tolerance(spec.nsd_tolerance)
         spec.tta = spec.tta or args.tta
         spec.progress = not args.no_progress
         spec.out = Path(spec.out)
@@ -288,7 +294,8 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
         res = _load_eval(cache, key)
         if res is None:
             t0 = time.perf_counter()
-            res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False)
+            res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False,
+                               nsd_tolerance=spec.nsd_tolerance)
             _save_eval(cache, res, key, time.perf_counter() - t0)
         evaluated[out] = res
     if spec.shard:  # the report needs every run: written by an invocation without --shard
@@ -333,7 +340,9 @@ def eval_key(run_dir: Path, spec: GridSpec, checkpoint: str = "last.pt") -> dict
 
     split = read_split(run_dir / "split.json")
     return dict(checkpoint=checkpoint, sha256=file_sha256(run_dir / checkpoint), tta=spec.tta,
-                surface=spec.surface, dataset_root=split.get("dataset_root"), volumes=split["val"])
+                surface=spec.surface, nsd_tolerance=spec.nsd_tolerance if spec.surface else None,
+                dataset_root=split.get("dataset_root"), volumes=split["val"])
+
 
 
 def _load_eval(path: Path, key: dict):

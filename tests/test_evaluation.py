@@ -58,14 +58,63 @@ def test_surface_distances_known_answers():
     pred = np.zeros_like(ref)
     ref[2, 2, 2] = True
     pred[2, 2, 6] = True  # 4 voxels apart along z
-    hd, asd = surface_distances(pred, ref, spacing=(1.0, 1.0, 2.0))
-    assert hd == pytest.approx(8.0) and asd == pytest.approx(8.0)  # in mm
+    hd, asd, nsd = surface_distances(pred, ref, spacing=(1.0, 1.0, 2.0))
+    assert hd == pytest.approx(8.0) and asd == pytest.approx(8.0) and nsd == 0.0  # in mm
     assert surface_distances(pred, ref)[0] == pytest.approx(4.0)  # in voxels
     a = np.zeros((12, 12, 12), bool)
     a[2:8, 2:8, 2:8] = True
     b = np.roll(a, 1, axis=0)  # cube shifted by one voxel
-    hd, _ = surface_distances(b, a, spacing=(1.5, 1.0, 1.0))
+    hd, _, _ = surface_distances(b, a, spacing=(1.5, 1.0, 1.0))
     assert hd == pytest.approx(1.5)
+
+
+def test_normalised_surface_dice_known_answers():
+    """Two voxels 8 mm apart: NSD 0 at 1 mm, 1 at 8.5 mm. A 6^3 cube against itself shifted one
+    voxel (1.5 mm) along x, tolerance 1.2 mm: of each cube's 6^3 - 4^3 = 152 surface voxels, the
+    36 of the face the other cube left (1.5 mm from its surface) and the 4 centre voxels of the
+    face it entered (1.5 mm from the moved face, 2 mm from the side faces) are out; the other 12
+    voxels of that face are 1 mm from a side face. NSD = 2 (152 - 40) / (2 * 152) = 14/19."""
+    ref = np.zeros((8, 8, 12), bool)
+    pred = np.zeros_like(ref)
+    ref[2, 2, 2], pred[2, 2, 6] = True, True
+    assert surface_distances(pred, ref, (1.0, 1.0, 2.0), nsd_tolerance=1.0)[2] == 0.0
+    assert surface_distances(pred, ref, (1.0, 1.0, 2.0), nsd_tolerance=8.5)[2] == 1.0
+    a = np.zeros((12, 12, 12), bool)
+    a[2:8, 2:8, 2:8] = True
+    nsd = surface_distances(np.roll(a, 1, axis=0), a, (1.5, 1.0, 1.0), nsd_tolerance=1.2)[2]
+    assert nsd == pytest.approx(14 / 19, abs=1e-6)
+    assert surface_distances(a, a, (1.5, 1.0, 1.0))[2] == 1.0
+
+
+def test_nsd_matches_monai_on_the_whole_volume_of_real_labels(tiny_phantom):
+    """Our NSD (computed on the masks' bounding box) equals MONAI's compute_surface_dice on the
+    full one-hot volumes, per structure of a phantom label and a perturbed copy of it."""
+    import nibabel as nib
+    import torch
+    from monai.metrics import compute_surface_dice
+
+    ref = np.asarray(nib.load(str(tiny_phantom / "labelsTr/phantom_000.nii.gz")).dataobj).astype(int)
+    values = sorted(np.unique(ref))
+    ref = np.searchsorted(values, ref)
+    pred = np.roll(ref, 1, axis=0)
+    pred[::3] = np.roll(ref, -1, axis=1)[::3]
+    k, spacing = len(values), (1.0, 1.2, 0.8)
+    onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a), k).permute(3, 0, 1, 2)[None]
+    theirs = compute_surface_dice(onehot(pred), onehot(ref), [1.5] * (k - 1), spacing=spacing)[0]
+    rows = evaluate_volume(pred, ref, k, surface=True, spacing=spacing, nsd_tolerance=1.5)
+    present = [r for r in rows if r["status"] == "present"]
+    assert len(present) >= 5
+    for r in present:
+        assert r["nsd"] == pytest.approx(float(theirs[r["class_index"] - 1]), abs=1e-6), r
+
+
+def test_nsd_of_missed_and_false_positive_structures_is_zero_absent_is_nan():
+    ref = np.zeros((10, 10, 10), int)
+    pred = np.zeros_like(ref)
+    ref[2:5, 2:5, 2:5] = 1  # missed
+    pred[6:9, 6:9, 6:9] = 2  # false positive
+    rows = {r["class_index"]: r for r in evaluate_volume(pred, ref, 4, surface=True)}
+    assert rows[1]["nsd"] == 0.0 and rows[2]["nsd"] == 0.0 and math.isnan(rows[3]["nsd"])
 
 
 def test_mean_std_ignores_undefined():
@@ -145,7 +194,7 @@ def test_report_numbers_recomputed_independently(grid):
     out, _ = grid
     rows = list(csv.DictReader((out / "results.csv").open()))
     report = (out / "report.md").read_text()
-    per_vol, hd95, penalised = {}, {}, {}
+    per_vol, hd95, nsd, penalised = {}, {}, {}, {}
     for attn in ("none", "scse"):
         mine = [r for r in rows if r["attention"] == attn and r["status"] != "absent"]
         vols = sorted({r["volume"] for r in mine})
@@ -155,6 +204,7 @@ def test_report_numbers_recomputed_independently(grid):
                 else float(r["hd95"]) for r in mine]
         assert np.all(np.isfinite(surf))
         hd95[attn] = [np.mean([s for s, r in zip(surf, mine) if r["volume"] == v]) for v in vols]
+        nsd[attn] = [np.mean([float(r["nsd"]) for r in mine if r["volume"] == v]) for v in vols]
         penalised[attn] = (sum(r["status"] in ("missed", "false_positive") for r in mine),
                            len(mine))
     assert len(per_vol["none"]) == 2
@@ -165,7 +215,8 @@ def test_report_numbers_recomputed_independently(grid):
         assert std == pytest.approx(per_vol[attn].std(ddof=1), abs=6e-5)
         hd_mean = float(cells[8].split("±")[0])  # after Δ, p, CI, volumes better, structures
         assert hd_mean == pytest.approx(np.mean(hd95[attn]), abs=6e-3)
-        assert cells[10] == f"{penalised[attn][0]}/{penalised[attn][1]}"
+        assert float(cells[10].split("±")[0]) == pytest.approx(np.mean(nsd[attn]), abs=6e-4)
+        assert cells[11] == f"{penalised[attn][0]}/{penalised[attn][1]}"
     cells = _report_row(report, "scse")
     assert cells[6] == f"{int(np.sum(per_vol['scse'] > per_vol['none']))} of 2"  # volumes better
     assert float(cells[3]) == pytest.approx(100 * (per_vol["scse"].mean() - per_vol["none"].mean()),
@@ -268,3 +319,14 @@ def test_evaluate_reports_missing_run(tmp_path, capsys):
 
     assert evaluate.main([str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tolerance", ["0", "-1", "nan", "inf"])
+def test_nsd_tolerance_must_be_a_positive_distance(tolerance, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "eval"))
+    import evaluate
+
+    assert evaluate.main([str(tmp_path / "run"), "--surface", "--nsd-tolerance", tolerance]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --nsd-tolerance") and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ from ..metrics import mean_std, volume_mean_dice, volume_mean_surface
 from .stats import bootstrap_ci, seed_averaged, wilcoxon_p
 
 CSV_FIELDS = ["arch", "attention", "seed", "volume", "structure", "class_index", "dice", "hd95",
-              "asd", "status", "ref_voxels", "pred_voxels", "surface_penalty", "checkpoint"]
+              "asd", "nsd", "status", "ref_voxels", "pred_voxels", "surface_penalty", "checkpoint"]
 
 
 def _ordered(results, attr):
@@ -43,6 +43,9 @@ def per_volume_scores(res, metric: str = "dice") -> dict[str, float]:
         by_vol[r["volume"]].append(r)
     if metric == "dice":
         return {v: volume_mean_dice(rows) for v, rows in by_vol.items()}
+    if metric == "nsd":  # defined for missed / false-positive structures too (0)
+        return {v: volume_mean_dice([dict(r, dice=r.get("nsd", math.nan)) for r in rows])
+                for v, rows in by_vol.items()}
     return {v: volume_mean_surface(rows, metric) for v, rows in by_vol.items()}
 
 
@@ -93,7 +96,7 @@ def summary_rows(results) -> list[dict]:
                        train_s=float(np.mean([r.train_seconds for r in runs])),
                        infer_s=float(np.mean([r.infer_seconds_per_volume for r in runs])))
             if surface:
-                for metric in ("hd95", "asd"):
+                for metric in ("hd95", "asd", "nsd"):
                     row[metric] = mean_std(seed_averaged(
                         [per_volume_scores(r, metric) for r in runs]).values())[:2]
                 row["penalised"] = surface_penalised(runs)
@@ -183,7 +186,10 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
           "missed, or predicted where the reference has none, has no surface distance and counts "
           "as the volume's diagonal in mm (the largest possible distance), so that missing a "
           "structure never scores better than finding it poorly. missed/FP: how many of the "
-          "scored (volume, structure) pairs, over all seeds, got that penalty.\n")
+          "scored (volume, structure) pairs, over all seeds, got that penalty. NSD: normalised "
+          f"surface Dice at {getattr(spec, 'nsd_tolerance', 1.0):g} mm (Nikolov et al. 2021), the "
+          "share of both surfaces within that distance of the other; 0 for a missed or "
+          "false-positive structure.\n")
     compared = [r for r in rows if r["attention"] != "none"]
     if len({r["arch"] for r in compared}) > 1:  # several networks or settings: one overview
         w("\n## Summary: every variant against its vanilla network\n\n"
@@ -203,7 +209,7 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
                 "95% CI of Δ", "volumes better", "structures improved", "parameters", "overhead",
                 "train time (s)", "inference (s/volume)"]
         if surface:
-            head[8:8] = ["HD95 (mm)", "ASD (mm)", "missed/FP"]
+            head[8:8] = ["HD95 (mm)", "ASD (mm)", "NSD", "missed/FP"]
         w("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
         for r in arows:
             dice = f"{_fmt(r['dice_mean'])} ± {_fmt(r['dice_std'])}"
@@ -224,6 +230,7 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
             if surface:
                 cells[8:8] = [f"{_fmt(r['hd95'][0], '.2f')} ± {_fmt(r['hd95'][1], '.2f')}",
                               f"{_fmt(r['asd'][0], '.2f')} ± {_fmt(r['asd'][1], '.2f')}",
+                              f"{_fmt(r['nsd'][0], '.3f')} ± {_fmt(r['nsd'][1], '.3f')}",
                               f"{r['penalised'][0]}/{r['penalised'][1]}"]
             w("| " + " | ".join(cells) + " |\n")
     w("\n## Per-structure Dice (mean ± std over volumes)\n")

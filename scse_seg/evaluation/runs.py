@@ -146,13 +146,15 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
                  tta_flip: bool = False, surface: bool = False, device: str | None = None,
                  keep_example: bool = False, progress: bool = True,
                  save_dir: str | Path | None = None, test_path: str | Path | None = None,
-                 device_option: str = "--device", overwrite: bool = False) -> RunEvaluation:
+                 device_option: str = "--device", overwrite: bool = False,
+                 nsd_tolerance: float = 1.0) -> RunEvaluation:
     """Predict every held-out volume of ``run_dir`` and compute per-structure metrics.
 
     The last checkpoint is evaluated by default: the comparison trains on a fixed schedule and
     the held-out volumes are never used to pick a checkpoint, so the numbers are not optimistic.
     ``save_dir`` also writes each prediction as NIfTI (original label values, source affine).
     ``test_path``: evaluate every labelled volume of that test set instead (see ``open_run``).
+    ``surface`` adds HD95, ASD and the normalised surface Dice at ``nsd_tolerance`` mm.
     Predictions are checked writable before the first volume and moved into ``save_dir`` only
     when every volume succeeded; an existing file is replaced only with ``overwrite``.
     """
@@ -168,7 +170,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
         check_can_write(list(saved.values()), overwrite, what="--save-predictions")
     with StagedFiles(save_dir or ".") as staged:
         rows, times, example = _evaluate_volumes(run, run_dir, tta_flip, surface, keep_example,
-                                                 progress, saved, staged)
+                                                 progress, saved, staged, nsd_tolerance)
         try:
             staged.commit()
         except OSError as e:
@@ -193,7 +195,7 @@ def _checkpoint_identity(loaded) -> str:
 
 
 def _evaluate_volumes(run, run_dir: Path, tta_flip: bool, surface: bool, keep_example: bool,
-                      progress: bool, saved: dict, staged):
+                      progress: bool, saved: dict, staged, nsd_tolerance: float = 1.0):
     """Predict and score each volume; predictions go to ``staged`` paths for ``saved``."""
     from tqdm.auto import tqdm
 
@@ -215,7 +217,7 @@ def _evaluate_volumes(run, run_dir: Path, tta_flip: bool, surface: bool, keep_ex
         pred = np.asarray(pred)
         spacing = tuple(float(s) for s in np.linalg.norm(vol.affine[:3, :3], axis=0))
         for r in evaluate_volume(pred, vol.label, k, run.dataset.class_names, spacing=spacing,
-                                 surface=surface):
+                                 surface=surface, nsd_tolerance=nsd_tolerance):
             rows.append(dict(r, volume=name))
         if name in saved:
             try:
@@ -242,9 +244,10 @@ def format_run_summary(res: RunEvaluation) -> str:
               for r in res.rows]
     hd = summarise(scored, "hd95") if surface else {}
     asd = summarise(scored, "asd") if surface else {}
+    nsd = summarise(res.rows, "nsd") if surface else {}
     head = f"{'structure':<24} {'Dice mean +- std':>18} {'n':>4}"
     if surface:
-        head += f" {'HD95':>16} {'ASD':>16}"
+        head += f" {'HD95':>16} {'ASD':>16} {'NSD':>16}"
     head += "  " + " ".join(f"{s:>8}" for s in STATUSES[1:])
     lines = [f"{res.run_dir}: {res.arch} + {res.attention} (seed {res.seed}), {len(vols)} "
              f"{res.evaluated_on}, {res.params:,} parameters, "
@@ -257,7 +260,7 @@ def format_run_summary(res: RunEvaluation) -> str:
         rows = [r for r in res.rows if r["structure"] == name]
         line = f"{name:<24} {pm(dice[name]):>18} {dice[name][2]:>4}"
         if surface:
-            line += f" {pm(hd[name]):>16} {pm(asd[name]):>16}"
+            line += f" {pm(hd[name]):>16} {pm(asd[name]):>16} {pm(nsd[name]):>16}"
         counts = [sum(r["status"] == s for r in rows) for s in STATUSES[1:]]
         lines.append(line + "  " + " ".join(f"{c:>8}" for c in counts))
     per_vol = [volume_mean_dice([r for r in res.rows if r["volume"] == v]) for v in vols]
@@ -265,6 +268,6 @@ def format_run_summary(res: RunEvaluation) -> str:
                  f"{mean_std(per_vol)[2]:>4}")
     lines.append("(missed: in reference, not predicted; false_positive: predicted, not in "
                  "reference; absent structures are excluded from means"
-                 + ("; HD95/ASD count missed and false_positive at the volume diagonal in mm)"
-                    if surface else ")"))
+                 + ("; HD95/ASD count missed and false_positive at the volume diagonal in mm, "
+                    "NSD at 0)" if surface else ")"))
     return "\n".join(lines)

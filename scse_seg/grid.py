@@ -304,8 +304,10 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     results = [replace(evaluated[spec.config(a, t, s, f, st, b).out], arch=spec.label(a, st),
                        attention=spec.variant_label(b, t))
                for a, t, s, f, st, b in combos]
-    from .evaluation.compare_report import write_comparison
+    from .evaluation.compare_report import small_sample_notes, summary_rows, write_comparison
 
+    for note in small_sample_notes(summary_rows(results)):
+        print(f"note: {note}", flush=True)
     try:
         write_comparison(results, spec,
                          wall_seconds=_add_wall_time(spec.out, time.perf_counter() - t_start))

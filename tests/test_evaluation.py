@@ -227,6 +227,8 @@ def test_report_numbers_recomputed_independently(grid):
     else:
         p = wilcoxon(per_vol["scse"], per_vol["none"]).pvalue
         assert float(cells[4].rstrip(" *")) == pytest.approx(float(f"{p:.2g}"))
+    # 2 paired volumes: the CI is marked and the report says the test cannot reach p < 0.05
+    assert cells[5].endswith("†") and "**† Small sample:** only 2 paired volumes" in report
 
 
 def test_surface_means_penalise_missed_structures():
@@ -330,3 +332,26 @@ def test_nsd_tolerance_must_be_a_positive_distance(tolerance, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --nsd-tolerance") and len(err.splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_small_sample_note_where_the_wilcoxon_test_cannot_reach_significance():
+    """scipy's exact test on n differences of one sign gives its smallest p, 2 / 2**n: 0.0625 at
+    n = 5 (never < 0.05), 0.03125 at n = 6; the note says so for n <= 5 only."""
+    from scipy.stats import wilcoxon
+
+    from scse_seg.evaluation.stats import small_sample_note
+
+    for n, smallest in ((5, 0.0625), (6, 0.03125)):
+        assert wilcoxon(np.arange(1.0, n + 1), np.zeros(n)).pvalue == pytest.approx(smallest)
+    assert "0.0625" in small_sample_note(5) and "p < 0.05" in small_sample_note(5)
+    assert "0.5" in small_sample_note(2)
+    assert small_sample_note(6) is None
+
+
+def test_console_says_when_the_sample_is_too_small(grid, capsys):
+    import compare
+
+    _, args = grid
+    assert compare.main(args) == 0  # every run and evaluation cached: only the report again
+    out = capsys.readouterr().out
+    assert "note: only 2 paired volumes: a two-sided Wilcoxon signed-rank test cannot reach" in out

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics import mean_std, volume_mean_dice, volume_mean_surface
-from .stats import bootstrap_ci, seed_averaged, wilcoxon_p
+from .stats import WILCOXON_MIN_N, bootstrap_ci, seed_averaged, small_sample_note, wilcoxon_p
 
 CSV_FIELDS = ["arch", "attention", "seed", "volume", "structure", "class_index", "dice", "hd95",
               "asd", "nsd", "status", "ref_voxels", "pred_voxels", "surface_penalty", "checkpoint"]
@@ -140,6 +140,19 @@ def _fmt(x, spec=".4f"):
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
+def _ci(r) -> str:
+    """The CI cell; † marks a comparison on too few volumes for the test (see the note)."""
+    small = r["volumes_better"] and r["volumes_better"][1] < WILCOXON_MIN_N
+    return f"[{100 * r['ci'][0]:+.2f}, {100 * r['ci'][1]:+.2f}]" + (" †" if small else "")
+
+
+def small_sample_notes(rows) -> list[str]:
+    """One note per distinct number of paired volumes too small for the Wilcoxon test."""
+    ns = sorted({r["volumes_better"][1] for r in rows
+                 if r["attention"] != "none" and r["volumes_better"]})
+    return [n for n in (small_sample_note(k) for k in ns) if n]
+
+
 def _p(p):
     if not np.isfinite(p):
         return "n/a"
@@ -190,6 +203,8 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
           f"surface Dice at {getattr(spec, 'nsd_tolerance', 1.0):g} mm (Nikolov et al. 2021), the "
           "share of both surfaces within that distance of the other; 0 for a missed or "
           "false-positive structure.\n")
+    for note in small_sample_notes(rows):
+        w(f"\n**† Small sample:** {note}.\n")
     compared = [r for r in rows if r["attention"] != "none"]
     if len({r["arch"] for r in compared}) > 1:  # several networks or settings: one overview
         w("\n## Summary: every variant against its vanilla network\n\n"
@@ -198,7 +213,7 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
         for r in compared:
             imp, bet = r["structures_improved"], r["volumes_better"]
             w(f"| {r['arch']} | {r['attention']} | {_fmt(r['dice_mean'])} | "
-              f"{100 * r['delta']:+.2f} | [{100 * r['ci'][0]:+.2f}, {100 * r['ci'][1]:+.2f}] | "
+              f"{100 * r['delta']:+.2f} | {_ci(r)} | "
               f"{_p(r['p'])} | {f'{bet[0]} of {bet[1]}' if bet else '—'} | "
               f"{f'{imp[0]} of {imp[1]}' if imp else '—'} |\n")
     for arch in _ordered(results, "arch"):
@@ -218,8 +233,7 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
             cells = [r["attention"], dice, ", ".join(_fmt(x, ".3f") for x in r["seed_means"]),
                      "—" if r["attention"] == "none" else f"{100 * r['delta']:+.2f}",
                      "—" if r["attention"] == "none" else _p(r["p"]),
-                     "—" if r["attention"] == "none" else
-                     f"[{100 * r['ci'][0]:+.2f}, {100 * r['ci'][1]:+.2f}]",
+                     "—" if r["attention"] == "none" else _ci(r),
                      "—" if not r["volumes_better"] else
                      f"{r['volumes_better'][0]} of {r['volumes_better'][1]}",
                      "—" if not r["structures_improved"] else

@@ -61,6 +61,21 @@ def bootstrap_ci(variant: Mapping[str, float], baseline: Mapping[str, float],
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+WILCOXON_MIN_N = 6  # the exact two-sided test's smallest p is 2 / 2**n: 0.0625 at n = 5
+
+
+def small_sample_note(n: int) -> str | None:
+    """What a reader must know when ``n`` paired volumes are too few for the Wilcoxon test to
+    reach p < 0.05 at all (n <= 5); None otherwise."""
+    if n >= WILCOXON_MIN_N:
+        return None
+    smallest = f"{2.0 ** (1 - n):.3g}" if n >= 1 else "undefined"
+    return (f"only {n} paired volume{'s' * (n != 1)}: a two-sided Wilcoxon signed-rank test cannot "
+            f"reach p < 0.05 with fewer than {WILCOXON_MIN_N} (its smallest p here is {smallest}), "
+            f"and a percentile-bootstrap CI over {n} volume{'s' * (n != 1)} is no significance test "
+            "either; test on more volumes (e.g. --folds) before reading Δ as an effect")
+
+
 def seed_averaged(per_seed: list[Mapping[str, float]]) -> dict[str, float]:
     """Average each volume's score over the seeds that scored it."""
     acc: dict[str, list[float]] = {}
@@ -71,4 +86,5 @@ def seed_averaged(per_seed: list[Mapping[str, float]]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-__all__ = ["bootstrap_ci", "paired", "wilcoxon_p", "seed_averaged"]
+__all__ = ["WILCOXON_MIN_N", "bootstrap_ci", "paired", "seed_averaged", "small_sample_note",
+           "wilcoxon_p"]

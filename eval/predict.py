@@ -3,9 +3,15 @@
 original label values and the input's shape, affine and header. The preprocessing (intensity
 normalisation, slice axis or patch size) is read from the run folder.
 
-  python eval/predict.py RUN_DIR INPUT OUTPUT [--checkpoint last.pt|best.pt] [--tta] [--device cpu]
+  python eval/predict.py RUN_DIR [RUN_DIR ...] INPUT [INPUT ...] OUTPUT [--save-probabilities]
+                         [--checkpoint last.pt|best.pt] [--tta] [--device cpu]
 
-INPUT: a .nii/.nii.gz file, a folder of them, or a dataset folder (its imagesTs/ is used).
+Several RUN_DIRs (e.g. the folds of a cross-validation) are ensembled: their softmax
+probabilities are averaged before the argmax, as nnU-Net does; they must share classes and
+channels. --save-probabilities also writes CASE.npz (array 'probabilities', float16, classes x
+X x Y x Z, with 'class_names') beside each CASE.nii.gz.
+INPUT: a .nii/.nii.gz file, a folder of them, a dataset folder (its imagesTs/ is used), or a
+glob pattern ('scans/*.nii.gz'); several may be given.
 nnU-Net channel files (case_0000.nii.gz) are written as case.nii.gz. A model trained on several
 channels (dataset.json 'modality' / 'channel_names') reads the same channels of every scan: one
 4D file with them on its last axis, or case_0000, case_0001... beside each other. OUTPUT: a folder
@@ -16,6 +22,7 @@ staging folder and moved into place when every scan succeeded: an error leaves n
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 from pathlib import Path
 
@@ -33,21 +40,67 @@ from scse_seg.errors import DataError, UserError  # noqa: E402
 from scse_seg.fileio import check_can_write  # noqa: E402
 
 
-def plan_outputs(inputs: str | Path, output: str | Path, channels: int = 1,
+def plan_outputs(inputs, output: str | Path, channels: int = 1,
                  overwrite: bool = False) -> list[tuple[Path, Path]]:
-    """(input file, output file) pairs for ``predict.py INPUT OUTPUT``, checked before anything
-    is read or written: INPUT a NIfTI file, a folder of them or a dataset folder with
-    ``imagesTs/``; OUTPUT a file (for one input ending in .nii/.nii.gz) or a folder; no output
-    may be an input, land in a dataset's folders or replace an existing file (unless
-    ``overwrite``; never an input). For a model of several ``channels`` an nnU-Net scan is
-    planned once, by its ``<case>_0000`` file (``channel_files`` lists the others,
-    checked present here)."""
-    src, dst = Path(inputs), Path(output)
-    if not src.exists():
-        raise UserError(f"input {src} not found; pass a NIfTI file or a folder of them")
-    if src.resolve() == dst.resolve():
-        raise UserError(f"OUTPUT {dst} is the same as INPUT; pass another folder for the "
-                        "predictions (inputs are never overwritten)")
+    """(input file, output file) pairs for ``predict.py RUN INPUT [INPUT ...] OUTPUT``, checked
+    before anything is read or written. Each INPUT is a NIfTI file, a folder of them, a dataset
+    folder with ``imagesTs/``, or a glob pattern (``'scans/*.nii.gz'``, quoted or expanded by the
+    shell); OUTPUT a file (for one input file ending in .nii/.nii.gz) or a folder. No output may
+    be an input, land in a dataset's folders or replace an existing file (unless ``overwrite``;
+    never an input). For a model of several ``channels`` an nnU-Net scan is planned once, by its
+    ``<case>_0000`` file (``channel_files`` lists the others, checked present here)."""
+    dst = Path(output)
+    sources = _expand([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
+    for src in sources:
+        if src.resolve() == dst.resolve():
+            raise UserError(f"OUTPUT {dst} is the same as INPUT {src}; pass another folder for the "
+                            "predictions (inputs are never overwritten)")
+    files = [f for src in sources for f in _input_files(src, channels)]
+    if len(sources) == 1 and sources[0].is_file() and is_nifti(dst):
+        pairs = [(sources[0], dst)]
+    else:
+        if is_nifti(dst):
+            raise UserError(f"OUTPUT {dst} is a file name but the inputs are {len(files)} scans "
+                            f"({', '.join(str(s) for s in sources[:3])}); pass a folder for the "
+                            "predictions")
+        if dst.exists() and not dst.is_dir():
+            raise UserError(f"OUTPUT {dst} exists and is not a folder; pass a folder (or a .nii.gz "
+                            "file name for a single input)")
+        ending = lambda p: ".nii" if p.name.endswith(".nii") else ".nii.gz"  # noqa: E731
+        pairs = [(f, dst / f"{case_name(f)}{ending(f)}") for f in files]
+    by_out: dict[Path, Path] = {}
+    ins = {c.resolve() for f in files for c in channel_files(f, channels)}
+    for f, o in pairs:
+        if o.resolve() in ins:
+            raise UserError(f"OUTPUT {o} would overwrite the input {f}; pass another folder")
+        if o in by_out:
+            raise UserError(f"inputs {by_out[o]} and {f} would both be written to {o}")
+        by_out[o] = f
+    check_can_write([o for _, o in pairs], overwrite, what="OUTPUT")
+    return pairs
+
+
+def _expand(items: list) -> list[Path]:
+    """Existing paths as given; a glob pattern (``*``, ``?``, ``[``) by its sorted matches."""
+    out = []
+    for item in items:
+        path = Path(item)
+        if path.exists() or not any(c in str(item) for c in "*?["):
+            if not path.exists():
+                raise UserError(f"input {path} not found; pass a NIfTI file, a folder of them or "
+                                "a glob pattern such as 'scans/*.nii.gz'")
+            out.append(path)
+            continue
+        matches = sorted(Path(m) for m in glob.glob(str(item)))
+        if not matches:
+            raise UserError(f"input pattern {item} matches no file; check the folder and the "
+                            "ending (.nii or .nii.gz)")
+        out += matches
+    return out
+
+
+def _input_files(src: Path, channels: int) -> list[Path]:
+    """The scans one INPUT stands for (a file, a folder of them or a dataset's imagesTs/)."""
     if src.is_file():
         if not is_nifti(src):
             raise DataError(f"{src} is not a NIfTI file (.nii or .nii.gz)")
@@ -74,28 +127,7 @@ def plan_outputs(inputs: str | Path, output: str | Path, channels: int = 1,
                             "remove them or predict with a run trained on those channels")
     for f in files:
         check_channel_files_present(channel_files(f, channels), channels)
-    if src.is_dir() and is_nifti(dst):
-        raise UserError(f"OUTPUT {dst} is a file name but INPUT {src} is a folder; pass a folder "
-                        "for the predictions")
-    single_file = src.is_file() and is_nifti(dst)
-    if single_file:
-        pairs = [(src, dst)]
-    else:
-        if dst.exists() and not dst.is_dir():
-            raise UserError(f"OUTPUT {dst} exists and is not a folder; pass a folder (or a .nii.gz "
-                            "file name for a single input)")
-        ending = lambda p: ".nii" if p.name.endswith(".nii") else ".nii.gz"  # noqa: E731
-        pairs = [(f, dst / f"{case_name(f)}{ending(f)}") for f in files]
-    by_out: dict[Path, Path] = {}
-    ins = {c.resolve() for f in files for c in channel_files(f, channels)}
-    for f, o in pairs:
-        if o.resolve() in ins:
-            raise UserError(f"OUTPUT {o} would overwrite the input {f}; pass another folder")
-        if o in by_out:
-            raise UserError(f"inputs {by_out[o].name} and {f.name} would both be written to {o}")
-        by_out[o] = f
-    check_can_write([o for _, o in pairs], overwrite, what="OUTPUT")
-    return pairs
+    return files
 
 
 def _names(items: list[str], limit: int = 10) -> str:
@@ -106,9 +138,12 @@ def _names(items: list[str], limit: int = 10) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="eval/predict.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by train_seg.py")
-    p.add_argument("input", metavar="INPUT", help="NIfTI file, folder of them, or dataset folder")
-    p.add_argument("output", metavar="OUTPUT", help="output folder (or .nii.gz for one input)")
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR ... INPUT ... OUTPUT",
+                   help="run folder(s) written by train_seg.py (several: an ensemble), then NIfTI "
+                        "files, folders, dataset folders or glob patterns, then the output folder "
+                        "(or a .nii.gz file name for one input)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write each scan's class probabilities as CASE.npz")
     p.add_argument("--checkpoint", default="last.pt",
                    help="last.pt (end of training, default) or best.pt (best validation Dice)")
     p.add_argument("--tta", action="store_true", help="test-time flip augmentation")
@@ -118,21 +153,48 @@ def main(argv=None) -> int:
                    help="replace existing output files (and allow a dataset's folders)")
     args = p.parse_args(argv)
     try:
-        from scse_seg.predictor import load_model, predict_files
+        from scse_seg.predictor import load_ensemble, predict_files, probability_file
 
-        loaded = load_model(args.run_dir, args.checkpoint, args.device, device_option="--device")
-        pairs = plan_outputs(args.input, args.output, loaded.in_channels, args.overwrite)
-        records = predict_files(loaded, pairs, tta=args.tta, progress=not args.no_progress)
+        runs, inputs, output = split_paths(args.paths)
+        loaded = load_ensemble(runs, args.checkpoint, args.device, device_option="--device")
+        pairs = plan_outputs(inputs, output, loaded.in_channels, args.overwrite)
+        if args.save_probabilities:
+            check_can_write([probability_file(o) for _, o in pairs], args.overwrite,
+                            what="--save-probabilities")
+        records = predict_files(loaded, pairs, tta=args.tta, progress=not args.no_progress,
+                                save_probabilities=args.save_probabilities)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     total = sum(r["seconds"] for r in records)
-    out = Path(args.output)
-    where = out if len(records) != 1 else Path(records[0]["output"])
-    print(f"predicted {len(records)} volume{'s' * (len(records) != 1)} with {args.run_dir} "
+    where = Path(output) if len(records) != 1 else Path(records[0]["output"])
+    model = runs[0] if len(runs) == 1 else f"an ensemble of {len(runs)} runs ({', '.join(runs)})"
+    print(f"predicted {len(records)} volume{'s' * (len(records) != 1)} with {model} "
           f"({args.checkpoint}, {loaded.device}): {total / max(len(records), 1):.3f} s/volume; "
-          f"labels written to {where}")
+          f"labels{' and probabilities' * args.save_probabilities} written to {where}")
     return 0
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A folder train_seg.py wrote (it holds config.yaml); a dataset or scan folder does not."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def split_paths(paths: list[str]) -> tuple[list[str], list[str], str]:
+    """RUN_DIR ... INPUT ... OUTPUT: the leading run folders, the inputs, the last path."""
+    runs = []
+    for path in paths[:-1]:
+        if not is_run_folder(path):
+            break
+        runs.append(path)
+    inputs, output = paths[len(runs):-1], paths[-1]
+    if not runs:
+        what = "not found" if not Path(paths[0]).exists() else "is not a run folder (no config.yaml)"
+        raise UserError(f"run folder {paths[0]} {what}; start with the run folder(s) written by "
+                        "train_seg.py: predict.py RUN_DIR [RUN_DIR ...] INPUT [INPUT ...] OUTPUT")
+    if not inputs:
+        raise UserError("no INPUT given: predict.py RUN_DIR [RUN_DIR ...] INPUT [INPUT ...] OUTPUT")
+    return runs, inputs, output
 
 
 if __name__ == "__main__":

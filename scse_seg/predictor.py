@@ -94,30 +94,40 @@ class LoadedModel:
         (C, X, Y, Z) for a multi-channel model, each channel normalised), on its own grid. A run
         trained on resampled volumes predicts on the resampled grid and its class probabilities
         are brought back (``affine``: the volume's, needed for target_spacing)."""
+        if self.resampled:
+            return self.probabilities(image, tta, affine).argmax(0)
+        return self._predict(image, tta, probabilities=False)
+
+    def probabilities(self, image: np.ndarray, tta: bool = False,
+                      affine: np.ndarray | None = None) -> np.ndarray:
+        """Softmax probabilities (K, X, Y, Z), float32, of the same input on its own grid."""
+        if not self.resampled:
+            return self._predict(image, tta, probabilities=True)
+        from .data.resample import probabilities_on_grid, resample_volume
+
+        dc = self.cfg.data
+        if dc.target_spacing is not None and affine is None:
+            raise UserError("this run was trained at data.target_spacing "
+                            f"{dc.target_spacing}; predicting needs the scan's affine")
+        shape = image.shape[-3:]
+        image, _, _ = resample_volume(image, None, np.eye(4) if affine is None else affine,
+                                      dc.zoom, dc.target_spacing)
+        return probabilities_on_grid(self._predict(image, tta, probabilities=True), shape)
+
+    def _predict(self, image: np.ndarray, tta: bool, probabilities: bool) -> np.ndarray:
         from .inference import predict_volume_2d, predict_volume_3d
 
         flip_axis = tta_flip_axes(self.cfg, self.run_dir or "this run")[0] if tta else -1
         dc = self.cfg.data
-        if self.resampled:
-            from .data.resample import probabilities_to_grid, resample_volume
-
-            if dc.target_spacing is not None and affine is None:
-                raise UserError("this run was trained at data.target_spacing "
-                                f"{dc.target_spacing}; predicting needs the scan's affine")
-            shape = image.shape[-3:]
-            image, _, _ = resample_volume(image, None, np.eye(4) if affine is None else affine,
-                                          dc.zoom, dc.target_spacing)
         if self.cfg.model.dim == 2:
             from .data import AXIS_INDEX
 
-            out = predict_volume_2d(self.model, image, AXIS_INDEX[dc.axis], batch_size=32,
-                                    tta_flip=tta, device=self.device, flip_axis=flip_axis,
-                                    multiple=self.size_multiple, return_probs=self.resampled)
-        else:
-            out = predict_volume_3d(self.model, image, roi_size=tuple(dc.patch_size),
-                                    tta_flip=tta, device=self.device, multiple=self.size_multiple,
-                                    return_probs=self.resampled)
-        return probabilities_to_grid(out, shape) if self.resampled else out
+            return predict_volume_2d(self.model, image, AXIS_INDEX[dc.axis], batch_size=32,
+                                     tta_flip=tta, device=self.device, flip_axis=flip_axis,
+                                     multiple=self.size_multiple, return_probs=probabilities)
+        return predict_volume_3d(self.model, image, roi_size=tuple(dc.patch_size), tta_flip=tta,
+                                 device=self.device, multiple=self.size_multiple,
+                                 return_probs=probabilities)
 
     def predict(self, image: np.ndarray, tta: bool = False,
                 affine: np.ndarray | None = None) -> np.ndarray:
@@ -153,6 +163,62 @@ def tta_flip_axes(cfg, run: str | Path = "this run") -> tuple[int, ...]:
                         "flipped image is one the model never saw; train with "
                         "data.augment.flip=true (2D) or evaluate without --tta")
     return axes
+
+
+class Ensemble:
+    """Several trained runs applied as one model: their softmax probabilities are averaged
+    before the argmax, as nnU-Net ensembles its cross-validation folds (Isensee et al. 2021).
+    Each member keeps its own preprocessing (slice axis, patch, resampling) and brings its
+    probabilities back to the scan's grid; the sum is accumulated one member at a time, so K
+    runs hold two probability volumes at once, not K. The members must be trained on the same
+    classes, label values and channels."""
+
+    def __init__(self, members: list[LoadedModel]):
+        if not members:
+            raise UserError("an ensemble needs at least one run")
+        first = members[0]
+        for m in members[1:]:
+            for what in ("class_names", "label_values", "in_channels", "channel_names"):
+                if getattr(m, what) != getattr(first, what):
+                    raise UserError(f"run {m.run_dir} cannot join an ensemble with {first.run_dir}: "
+                                    f"its {what} are {getattr(m, what)!r}, not "
+                                    f"{getattr(first, what)!r}; ensemble runs trained on the same "
+                                    "labels and channels")
+        self.members = members
+
+    # what every member shares (checked above), and the device they run on
+    class_names = property(lambda self: self.members[0].class_names)
+    label_values = property(lambda self: self.members[0].label_values)
+    in_channels = property(lambda self: self.members[0].in_channels)
+    channel_names = property(lambda self: self.members[0].channel_names)
+    num_classes = property(lambda self: self.members[0].num_classes)
+    device = property(lambda self: self.members[0].device)
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return [m.run_dir for m in self.members]
+
+    def probabilities(self, image: np.ndarray, tta: bool = False,
+                      affine: np.ndarray | None = None) -> np.ndarray:
+        total = None
+        for m in self.members:
+            p = m.probabilities(image, tta, affine)
+            total = p if total is None else np.add(total, p, out=total)
+            del p
+        return total / len(self.members)
+
+    def predict_classes(self, image: np.ndarray, tta: bool = False,
+                        affine: np.ndarray | None = None) -> np.ndarray:
+        if len(self.members) == 1:
+            return self.members[0].predict_classes(image, tta, affine)
+        return self.probabilities(image, tta, affine).argmax(0)
+
+
+def load_ensemble(run_dirs: list, checkpoint: str = "last.pt", device=None,
+                  device_option: str = "device") -> LoadedModel | Ensemble:
+    """One run folder: its model; several: an :class:`Ensemble` of them."""
+    members = [load_model(r, checkpoint, device, device_option) for r in run_dirs]
+    return members[0] if len(members) == 1 else Ensemble(members)
 
 
 def find_checkpoint(run_dir: str | Path, checkpoint: str = "last.pt") -> Path:
@@ -204,11 +270,22 @@ def load_model(run_dir: str | Path, checkpoint: str = "last.pt", device: str | t
 # ----------------------------------------------------------------------------- files in, files out
 
 
-def predict_files(loaded: LoadedModel, pairs: list[tuple[Path, Path]], tta: bool = False,
-                  progress: bool = True) -> list[dict]:
-    """Predict every (input, output) pair; headers are checked for all inputs before the first
-    prediction, and the outputs are moved into place only once every scan succeeded (a bad
-    second scan leaves no first output behind). Returns one record per file (seconds, shape)."""
+def probability_file(label_file: str | Path) -> Path:
+    """Where ``--save-probabilities`` writes a scan's probabilities: ``CASE.npz`` beside
+    ``CASE.nii.gz`` (nnU-Net's layout)."""
+    from .data.nifti import strip_ending
+
+    label_file = Path(label_file)
+    return label_file.with_name(strip_ending(label_file.name) + ".npz")
+
+
+def predict_files(loaded, pairs: list[tuple[Path, Path]], tta: bool = False,
+                  progress: bool = True, save_probabilities: bool = False) -> list[dict]:
+    """Predict every (input, output) pair with a :class:`LoadedModel` or an :class:`Ensemble`;
+    headers are checked for all inputs before the first prediction, and the outputs are moved
+    into place only once every scan succeeded (a bad second scan leaves no first output behind).
+    ``save_probabilities`` also writes each scan's class probabilities, float16 (K, X, Y, Z)
+    with the class names, to :func:`probability_file`. Returns one record per file."""
     from tqdm.auto import tqdm
 
     from .data import normalise_channels
@@ -227,12 +304,22 @@ def predict_files(loaded: LoadedModel, pairs: list[tuple[Path, Path]], tta: bool
                                           disable=not show_progress(progress)):
             img = imgs[0]
             t0 = time.perf_counter()
-            classes = loaded.predict_classes(normalise_channels(read_scan(imgs, files)), tta,
-                                             img.affine)
-            seconds = time.perf_counter() - t0  # predict_classes returns on the CPU: synchronised
+            image = normalise_channels(read_scan(imgs, files))
+            if save_probabilities:
+                probs = loaded.probabilities(image, tta, img.affine)
+                classes = probs.argmax(0)
+            else:
+                classes = loaded.predict_classes(image, tta, img.affine)
+            seconds = time.perf_counter() - t0  # returned on the CPU: synchronised
             try:
                 save_prediction_nifti(classes, img.affine, loaded.label_values, staged.path(dst),
                                       like=img)
+                if save_probabilities:
+                    with open(staged.path(probability_file(dst)), "wb") as f:
+                        np.savez_compressed(f, probabilities=probs.astype(np.float16),
+                                            class_names=np.asarray(loaded.class_names),
+                                            label_values=np.asarray(loaded.label_values))
+                    del probs
             except OSError as e:
                 raise UserError(f"could not write {dst} ({e.strerror or e}); nothing was written: "
                                 "pass another OUTPUT") from None

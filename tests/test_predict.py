@@ -121,6 +121,109 @@ def test_python_api_matches_the_command(run, dataset, tmp_path):
     assert loaded.label_values == VALUES and loaded.class_names[1] == "cortex"
 
 
+def _softmax_by_hand(run_dir, image_path):
+    """(K, X, Y, Z) softmax of a 2D run on one NIfTI, without scse_seg.predictor/inference."""
+    model, _ = model_from_checkpoint(run_dir, 1)
+    x = np.asarray(nib.load(str(image_path)).dataobj).astype(np.float32)
+    fg = x[x != 0]
+    x = (x - fg.mean()) / fg.std()
+    slices = torch.from_numpy(np.moveaxis(x, 1, 0)[:, None].copy())  # coronal, no padding
+    with torch.no_grad():
+        p = torch.softmax(model.eval()(slices), 1).numpy()  # (Y, K, X, Z)
+    return np.moveaxis(p, 0, 2)  # (K, X, Y, Z)
+
+
+@pytest.fixture(scope="module")
+def run2(dataset, tmp_path_factory):
+    """A second run on the same data (another seed): the other member of an ensemble."""
+    from scse_seg.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny_s1"
+    assert main(["--data", str(dataset), "--epochs", "1", "--out", str(out), *FAST, "seed=1"]) == 0
+    return out
+
+
+def test_ensemble_averages_probabilities_and_saves_them(run, run2, dataset, tmp_path, capsys):
+    """Two runs: argmax of the mean of their softmax maps (recomputed by hand); the saved
+    probabilities are that mean in float16, with the class names."""
+    import predict
+
+    scan = dataset / "imagesTr/phantom_000.nii.gz"
+    out = tmp_path / "out"
+    assert predict.main([str(run), str(run2), str(scan), str(out), "--save-probabilities",
+                         "--no-progress"]) == 0
+    assert "an ensemble of 2 runs" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_000.nii.gz", "phantom_000.npz"]
+    mean = 0.5 * (_softmax_by_hand(run, scan) + _softmax_by_hand(run2, scan))
+    got = np.asarray(nib.load(str(out / "phantom_000.nii.gz")).dataobj)
+    assert (got == np.asarray(VALUES)[mean.argmax(0)]).mean() > 0.999
+    alone = _by_hand(run, scan)
+    assert (got != alone).any()  # the second run changed something: a real ensemble
+    saved = np.load(out / "phantom_000.npz")
+    probs = saved["probabilities"]
+    assert probs.dtype == np.float16 and probs.shape == (len(VALUES), 32, 32, 32)
+    assert np.abs(probs.astype(np.float32) - mean).max() < 2e-3  # float16 rounding
+    assert list(saved["class_names"])[3] == "ventricles" and list(saved["label_values"]) == VALUES
+
+
+def test_ensemble_of_runs_with_other_classes_is_one_error(run, dataset, tmp_path, capsys):
+    import predict
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    ckpt = torch.load(other / "last.pt", weights_only=True)
+    ckpt["class_names"] = [*ckpt["class_names"][:-1], "something else"]
+    torch.save(ckpt, other / "last.pt")
+    out = tmp_path / "out"
+    assert predict.main([str(run), str(other), str(dataset / "imagesTs"), str(out),
+                         "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"run {other} cannot join an ensemble" in err, err
+    assert "class_names" in err and not out.exists()
+
+
+def test_predict_takes_several_inputs_and_glob_patterns(run, dataset, tmp_path):
+    import predict
+
+    src = dataset / "imagesTr"
+    out = tmp_path / "out"
+    assert predict.main([str(run), str(src / "phantom_000.nii.gz"), str(src / "phantom_002.nii.gz"),
+                         str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_000.nii.gz", "phantom_002.nii.gz"]
+    assert predict.main([str(run), str(src / "phantom_00[13].nii.gz"), str(tmp_path / "g"),
+                         "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["phantom_001.nii.gz",
+                                                                   "phantom_003.nii.gz"]
+    got = np.asarray(nib.load(str(tmp_path / "g/phantom_001.nii.gz")).dataobj)
+    assert (got == _by_hand(run, src / "phantom_001.nii.gz")).mean() > 0.999
+
+
+@pytest.mark.parametrize("kind", ["pattern_matches_nothing", "two_inputs_one_file_name",
+                                  "probabilities_exist"])
+def test_several_inputs_bad_input(kind, run, dataset, tmp_path, capsys):
+    import predict
+
+    src = dataset / "imagesTr"
+    if kind == "pattern_matches_nothing":
+        argv, needle = [str(run), str(tmp_path / "*.nii.gz"), str(tmp_path / "o")], "matches no file"
+    elif kind == "two_inputs_one_file_name":
+        argv = [str(run), str(src / "phantom_000.nii.gz"), str(src / "phantom_001.nii.gz"),
+                str(tmp_path / "o.nii.gz")]
+        needle = "is a file name but the inputs are 2 scans"
+    else:
+        (tmp_path / "o").mkdir()
+        (tmp_path / "o/phantom_000.npz").write_bytes(b"keep")
+        argv = [str(run), str(src / "phantom_000.nii.gz"), str(tmp_path / "o"), "--save-probabilities"]
+        needle = "phantom_000.npz"
+    assert predict.main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "o.nii.gz").exists()
+    if kind == "probabilities_exist":
+        assert [p.name for p in (tmp_path / "o").iterdir()] == ["phantom_000.npz"]
+        assert (tmp_path / "o/phantom_000.npz").read_bytes() == b"keep"
+
+
 # ------------------------------------------------------------------------------- evaluate --test
 
 
@@ -421,20 +524,26 @@ def test_readme_use_a_trained_model_runs_as_written(run, dataset, tmp_path):
     (proj / "eval").symlink_to(ROOT / "eval")
     (proj / "runs").mkdir()
     shutil.copytree(run, proj / "runs/hippo")
+    shutil.copytree(run, proj / "runs/hippo-s1")  # the ensemble's second member
+    (proj / "scans").mkdir()
+    for name in ("phantom_000", "phantom_001"):
+        shutil.copy(dataset / f"imagesTr/{name}.nii.gz", proj / "scans")
     (tmp_path / "shared/data").mkdir(parents=True)
     (tmp_path / "shared/data/Task04_Hippocampus").symlink_to(dataset)
     (proj / "path/to").mkdir(parents=True)
     (proj / "path/to/TestSet").symlink_to(dataset)
     shutil.copy(dataset / "imagesTr/phantom_000.nii.gz", proj / "scan.nii.gz")
     commands = [line for line in _readme_blocks("bash")[0].splitlines() if line.strip()]
-    assert [c.split()[1] for c in commands] == ["eval/predict.py", "eval/evaluate.py", "eval/export.py",
-                                                "eval/apply_exported.py"]
+    assert [c.split()[1] for c in commands] == ["eval/predict.py", "eval/predict.py", "eval/evaluate.py",
+                                                "eval/export.py", "eval/apply_exported.py"]
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     for cmd in commands:
         r = subprocess.run(["bash", "-c", cmd], cwd=proj, env=env, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, (cmd, r.stderr[-2000:])
     assert (proj / "preds/hippo/phantom_003.nii.gz").is_file()
+    assert sorted(p.name for p in (proj / "preds/ensemble").iterdir()) == [
+        "phantom_000.nii.gz", "phantom_000.npz", "phantom_001.nii.gz", "phantom_001.npz"]
     assert (proj / "runs/hippo/evaluation-test-TestSet-last.csv").is_file()
     assert (proj / "exported/hippo/model.pt2").is_file()
     assert (proj / "exported/hippo/preprocessing.json").is_file()

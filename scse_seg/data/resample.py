@@ -91,11 +91,17 @@ def resample_case(vol, zoom: float | None = None, target_spacing: Sequence[float
     return replace(vol, image=image, label=label, affine=affine)
 
 
+def probabilities_on_grid(probs: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """(K, x, y, z) probabilities on the resampled grid -> (K, *shape) on the original one,
+    interpolated linearly (float32)."""
+    return resize(probs, shape, "linear").astype(np.float32, copy=False)
+
+
 def probabilities_to_grid(probs: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Class labels on the original grid from (K, x, y, z) probabilities on the resampled one:
     interpolate the probabilities linearly, then take the argmax."""
-    return resize(probs, shape, "linear").argmax(0).astype(np.int64)
+    return probabilities_on_grid(probs, shape).argmax(0).astype(np.int64)
 
 
-__all__ = ["probabilities_to_grid", "resample_case", "resample_volume", "resampled_affine", "resize",
-           "target_shape", "voxel_spacing"]
+__all__ = ["probabilities_on_grid", "probabilities_to_grid", "resample_case", "resample_volume",
+           "resampled_affine", "resize", "target_shape", "voxel_spacing"]

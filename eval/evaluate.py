@@ -22,14 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scse_seg.errors import UserError  # noqa: E402
 
 
-def default_csv(run_dir: str, test: str | None, checkpoint: str) -> Path:
-    """RUN_DIR/evaluation-heldout-last.csv, or evaluation-test-<dataset>-last.csv."""
+def default_csv(run_dir: str, test: str | None, checkpoint: str, postprocess: bool = False) -> Path:
+    """RUN_DIR/evaluation-heldout-last.csv, or evaluation-test-<dataset>-last.csv (with
+    ``-postprocessed`` before .csv for --postprocess)."""
     which = "heldout"
     if test is not None:
         t = Path(os.path.abspath(test))  # the name as given, not a symlink's target
         t = t.parent if t.name in ("imagesTs", "labelsTs") else t
         which = "test-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", t.name)
-    return Path(run_dir) / f"evaluation-{which}-{Path(checkpoint).stem}.csv"
+    tail = "-postprocessed" if postprocess else ""
+    return Path(run_dir) / f"evaluation-{which}-{Path(checkpoint).stem}{tail}.csv"
 
 
 def main(argv=None) -> int:
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
                    help="also HD95, average surface distance and normalised surface Dice (NSD)")
     p.add_argument("--nsd-tolerance", type=float, metavar="MM",
                    help="the NSD's tolerance in mm (default 1)")
+    p.add_argument("--postprocess", action="store_true",
+                   help="apply the run's postprocessing.json (chosen by eval/postprocess.py)")
     p.add_argument("--tta", action="store_true",
                    help="test-time flip augmentation with the flips training used "
                         "(data.augment.flip); refused for runs trained without flips")
@@ -66,7 +70,8 @@ def main(argv=None) -> int:
         from scse_seg.evaluation.runs import evaluate_run, format_run_summary
         from scse_seg.fileio import check_writable_folder
 
-        csv_path = Path(args.csv) if args.csv else default_csv(args.run_dir, args.test, args.checkpoint)
+        csv_path = Path(args.csv) if args.csv else \
+            default_csv(args.run_dir, args.test, args.checkpoint, args.postprocess)
         if csv_path.is_dir():
             raise UserError(f"--csv {csv_path} is a folder; pass a file name")
         if Path(args.run_dir).is_dir() or args.csv:
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
 
         tolerance = check_nsd_tolerance(1.0 if args.nsd_tolerance is None else args.nsd_tolerance)
         res = evaluate_run(args.run_dir, args.data, args.checkpoint, tta_flip=args.tta,
-                           nsd_tolerance=tolerance,
+                           nsd_tolerance=tolerance, postprocess=args.postprocess,
                            surface=args.surface, device=args.device,
                            save_dir=args.save_predictions, test_path=args.test,
                            progress=not args.no_progress, overwrite=args.overwrite)

@@ -144,6 +144,8 @@ def main(argv=None) -> int:
                         "(or a .nii.gz file name for one input)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write each scan's class probabilities as CASE.npz")
+    p.add_argument("--no-postprocessing", action="store_true",
+                   help="ignore the runs' postprocessing.json (written by eval/postprocess.py)")
     p.add_argument("--checkpoint", default="last.pt",
                    help="last.pt (end of training, default) or best.pt (best validation Dice)")
     p.add_argument("--tta", action="store_true", help="test-time flip augmentation")
@@ -153,16 +155,18 @@ def main(argv=None) -> int:
                    help="replace existing output files (and allow a dataset's folders)")
     args = p.parse_args(argv)
     try:
+        from scse_seg.postprocess import choice_of_runs
         from scse_seg.predictor import load_ensemble, predict_files, probability_file
 
         runs, inputs, output = split_paths(args.paths)
         loaded = load_ensemble(runs, args.checkpoint, args.device, device_option="--device")
+        keep = [] if args.no_postprocessing else choice_of_runs(runs, loaded.class_names)
         pairs = plan_outputs(inputs, output, loaded.in_channels, args.overwrite)
         if args.save_probabilities:
             check_can_write([probability_file(o) for _, o in pairs], args.overwrite,
                             what="--save-probabilities")
         records = predict_files(loaded, pairs, tta=args.tta, progress=not args.no_progress,
-                                save_probabilities=args.save_probabilities)
+                                save_probabilities=args.save_probabilities, keep_largest=keep)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -172,6 +176,9 @@ def main(argv=None) -> int:
     print(f"predicted {len(records)} volume{'s' * (len(records) != 1)} with {model} "
           f"({args.checkpoint}, {loaded.device}): {total / max(len(records), 1):.3f} s/volume; "
           f"labels{' and probabilities' * args.save_probabilities} written to {where}")
+    if keep:
+        print("postprocessing (postprocessing.json): kept the largest connected component of "
+              f"{', '.join(loaded.class_names[c] for c in keep)}")
     return 0
 
 

@@ -280,12 +280,15 @@ def probability_file(label_file: str | Path) -> Path:
 
 
 def predict_files(loaded, pairs: list[tuple[Path, Path]], tta: bool = False,
-                  progress: bool = True, save_probabilities: bool = False) -> list[dict]:
+                  progress: bool = True, save_probabilities: bool = False,
+                  keep_largest: list[int] | None = None) -> list[dict]:
     """Predict every (input, output) pair with a :class:`LoadedModel` or an :class:`Ensemble`;
     headers are checked for all inputs before the first prediction, and the outputs are moved
     into place only once every scan succeeded (a bad second scan leaves no first output behind).
     ``save_probabilities`` also writes each scan's class probabilities, float16 (K, X, Y, Z)
-    with the class names, to :func:`probability_file`. Returns one record per file."""
+    with the class names, to :func:`probability_file` (before postprocessing); ``keep_largest``:
+    classes reduced to their largest connected component (:mod:`scse_seg.postprocess`). Returns
+    one record per file."""
     from tqdm.auto import tqdm
 
     from .data import normalise_channels
@@ -310,6 +313,10 @@ def predict_files(loaded, pairs: list[tuple[Path, Path]], tta: bool = False,
                 classes = probs.argmax(0)
             else:
                 classes = loaded.predict_classes(image, tta, img.affine)
+            if keep_largest:
+                from .postprocess import keep_largest_component
+
+                classes = keep_largest_component(classes, keep_largest)
             seconds = time.perf_counter() - t0  # returned on the CPU: synchronised
             try:
                 save_prediction_nifti(classes, img.affine, loaded.label_values, staged.path(dst),

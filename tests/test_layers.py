@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "scse_seg"
 LAYERS = {
     "errors": 0, "failpoints": 0, "runtime": 0, "blocks": 0, "kernels": 0,
     "plug": 1, "models": 1, "data": 1, "config": 1,
-    "metrics": 2, "inference": 2, "fileio": 2, "predictor": 2, "export": 2,
+    "metrics": 2, "inference": 2, "fileio": 2, "postprocess": 2, "predictor": 2, "export": 2,
     "training": 3, "evaluation": 3,
 }
 SIDE_BY_SIDE = {("training", "evaluation"), ("evaluation", "training")}

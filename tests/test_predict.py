@@ -224,6 +224,48 @@ def test_several_inputs_bad_input(kind, run, dataset, tmp_path, capsys):
         assert (tmp_path / "o/phantom_000.npz").read_bytes() == b"keep"
 
 
+def test_postprocessing_is_chosen_on_held_out_volumes_and_applied_by_predict(run, dataset,
+                                                                             tmp_path, capsys):
+    """eval/postprocess.py writes the choice (per class: mean held-out Dice without and with the
+    largest component only); predict.py applies exactly that choice and says so; evaluate.py
+    --postprocess scores it; an existing choice is kept without --overwrite."""
+    import evaluate
+    import postprocess
+    import predict
+
+    from scse_seg.postprocess import keep_largest_component
+
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    assert postprocess.main([str(r), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    choice = json.loads((r / "postprocessing.json").read_text())
+    assert set(choice["mean_dice"]) <= set(json.loads((r / "class_weights.json").read_text())["class_names"])
+    for name, d in choice["mean_dice"].items():
+        assert (name in choice["keep_largest_component"]) == (d["with_largest_component"] > d["without"])
+    assert "keep the largest component of:" in text
+    # a fixed choice, to see its effect: cortex and ventricles
+    choice["keep_largest_component"] = ["cortex", "ventricles"]
+    (r / "postprocessing.json").write_text(json.dumps(choice))
+    scan = dataset / "imagesTr/phantom_000.nii.gz"
+    assert predict.main([str(r), str(scan), str(tmp_path / "raw.nii.gz"), "--no-postprocessing",
+                         "--no-progress"]) == 0
+    assert "largest connected component" not in capsys.readouterr().out
+    assert predict.main([str(r), str(scan), str(tmp_path / "pp.nii.gz"), "--no-progress"]) == 0
+    assert "kept the largest connected component of cortex, ventricles" in capsys.readouterr().out
+    raw = np.asarray(nib.load(str(tmp_path / "raw.nii.gz")).dataobj)
+    classes = np.searchsorted(VALUES, raw)
+    expected = np.asarray(VALUES)[keep_largest_component(classes, [1, 3])]
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "pp.nii.gz")).dataobj), expected)
+    assert evaluate.main([str(r), "--postprocess", "--no-progress"]) == 0
+    assert (r / "evaluation-heldout-last-postprocessed.csv").is_file()
+    capsys.readouterr()
+    assert postprocess.main([str(r), "--no-progress"]) == 2
+    assert "postprocessing.json" in capsys.readouterr().err
+    assert json.loads((r / "postprocessing.json").read_text())["keep_largest_component"] == \
+        ["cortex", "ventricles"]
+
+
 # ------------------------------------------------------------------------------- evaluate --test
 
 
@@ -534,8 +576,9 @@ def test_readme_use_a_trained_model_runs_as_written(run, dataset, tmp_path):
     (proj / "path/to/TestSet").symlink_to(dataset)
     shutil.copy(dataset / "imagesTr/phantom_000.nii.gz", proj / "scan.nii.gz")
     commands = [line for line in _readme_blocks("bash")[0].splitlines() if line.strip()]
-    assert [c.split()[1] for c in commands] == ["eval/predict.py", "eval/predict.py", "eval/evaluate.py",
-                                                "eval/export.py", "eval/apply_exported.py"]
+    assert [c.split()[1] for c in commands] == ["eval/predict.py", "eval/predict.py", "eval/postprocess.py",
+                                                "eval/evaluate.py", "eval/export.py",
+                                                "eval/apply_exported.py"]
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     for cmd in commands:
         r = subprocess.run(["bash", "-c", cmd], cwd=proj, env=env, capture_output=True, text=True,
@@ -547,6 +590,7 @@ def test_readme_use_a_trained_model_runs_as_written(run, dataset, tmp_path):
     assert (proj / "runs/hippo/evaluation-test-TestSet-last.csv").is_file()
     assert (proj / "exported/hippo/model.pt2").is_file()
     assert (proj / "exported/hippo/preprocessing.json").is_file()
+    assert (proj / "runs/hippo-s1/postprocessing.json").is_file()
     assert set(np.unique(nib.load(str(proj / "scan_labels.nii.gz")).dataobj)) <= set(VALUES)
     code = _readme_blocks("python")[0]
     check = f"\nprint(labels.shape, set(labels.ravel().tolist()) <= set({VALUES}), callable(net))"

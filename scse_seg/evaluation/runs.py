@@ -147,7 +147,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
                  keep_example: bool = False, progress: bool = True,
                  save_dir: str | Path | None = None, test_path: str | Path | None = None,
                  device_option: str = "--device", overwrite: bool = False,
-                 nsd_tolerance: float = 1.0) -> RunEvaluation:
+                 nsd_tolerance: float = 1.0, postprocess: bool = False) -> RunEvaluation:
     """Predict every held-out volume of ``run_dir`` and compute per-structure metrics.
 
     The last checkpoint is evaluated by default: the comparison trains on a fixed schedule and
@@ -155,6 +155,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
     ``save_dir`` also writes each prediction as NIfTI (original label values, source affine).
     ``test_path``: evaluate every labelled volume of that test set instead (see ``open_run``).
     ``surface`` adds HD95, ASD and the normalised surface Dice at ``nsd_tolerance`` mm.
+    ``postprocess`` applies the run's ``postprocessing.json`` (eval/postprocess.py) first.
     Predictions are checked writable before the first volume and moved into ``save_dir`` only
     when every volume succeeded; an existing file is replaced only with ``overwrite``.
     """
@@ -164,13 +165,21 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
     run = open_run(run_dir, data_path, checkpoint, device, test_path, device_option)
     if tta_flip:
         tta_flip_axes(run.cfg, run_dir)  # refuse before predicting anything
+    keep = []
+    if postprocess:
+        from ..postprocess import FILE, read_choice
+
+        keep = read_choice(run_dir, run.loaded.class_names)
+        if keep is None:
+            raise UserError(f"--postprocess: {run_dir / FILE} not found; choose it first with "
+                            f"eval/postprocess.py {run_dir}")
     saved = {}
     if save_dir is not None:
         saved = {name: Path(save_dir) / f"{name}.nii.gz" for name in run.val}
         check_can_write(list(saved.values()), overwrite, what="--save-predictions")
     with StagedFiles(save_dir or ".") as staged:
         rows, times, example = _evaluate_volumes(run, run_dir, tta_flip, surface, keep_example,
-                                                 progress, saved, staged, nsd_tolerance)
+                                                 progress, saved, staged, nsd_tolerance, keep)
         try:
             staged.commit()
         except OSError as e:
@@ -195,7 +204,8 @@ def _checkpoint_identity(loaded) -> str:
 
 
 def _evaluate_volumes(run, run_dir: Path, tta_flip: bool, surface: bool, keep_example: bool,
-                      progress: bool, saved: dict, staged, nsd_tolerance: float = 1.0):
+                      progress: bool, saved: dict, staged, nsd_tolerance: float = 1.0,
+                      keep_largest: list[int] | None = None):
     """Predict and score each volume; predictions go to ``staged`` paths for ``saved``."""
     from tqdm.auto import tqdm
 
@@ -215,6 +225,10 @@ def _evaluate_volumes(run, run_dir: Path, tta_flip: bool, surface: bool, keep_ex
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         pred = np.asarray(pred)
+        if keep_largest:
+            from ..postprocess import keep_largest_component
+
+            pred = keep_largest_component(pred, keep_largest)
         spacing = tuple(float(s) for s in np.linalg.norm(vol.affine[:3, :3], axis=0))
         for r in evaluate_volume(pred, vol.label, k, run.dataset.class_names, spacing=spacing,
                                  surface=surface, nsd_tolerance=nsd_tolerance):

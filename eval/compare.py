@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also HD95, average surface distance and normalised surface Dice (NSD)")
     p.add_argument("--nsd-tolerance", type=float, metavar="MM",
                    help="the NSD's tolerance in mm (default 1)")
+    p.add_argument("--test", metavar="PATH",
+                   help="also score every variant on this labelled test set (imagesTs/+labelsTs/ "
+                        "or another dataset with the same classes; under --folds: the ensemble "
+                        "of each variant's folds) and write the same report into OUT/test-NAME")
     p.add_argument("--tta", action="store_true",
                    help="test-time flip augmentation with the flips training used "
                         "(data.augment.flip); refused for runs trained without flips")
@@ -84,6 +88,10 @@ def main(argv=None) -> int:
               "without --shard to write the report")
     else:
         print(f"report: {out / 'report.md'}")
+        if spec.test is not None:
+            from scse_seg.grid import test_folder
+
+            print(f"report on the test set: {test_folder(spec) / 'report.md'}")
     return 0
 
 

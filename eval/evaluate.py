@@ -5,6 +5,7 @@ as CSV (default: in the run folder).
 
   python eval/evaluate.py RUN_DIR [--data PATH] [--surface] [--tta]   # its held-out volumes
   python eval/evaluate.py RUN_DIR --test PATH                         # a separate labelled set
+  python eval/evaluate.py RUN_DIR RUN_DIR ... --test PATH             # an ensemble on it
 
 --test PATH: a dataset with imagesTs/ + labelsTs/ (its test volumes), or another MSD/nnU-Net
 dataset with the same classes (every imagesTr/labelsTr pair).
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scse_seg.errors import UserError  # noqa: E402
 
 
-def default_csv(run_dir: str, test: str | None, checkpoint: str, postprocess: bool = False) -> Path:
+def default_csv(run_dir: str, test: str | None, checkpoint: str, postprocess: bool = False,
+                members: int = 1) -> Path:
     """RUN_DIR/evaluation-heldout-last.csv, or evaluation-test-<dataset>-last.csv (with
     ``-postprocessed`` before .csv for --postprocess)."""
     which = "heldout"
@@ -30,14 +32,16 @@ def default_csv(run_dir: str, test: str | None, checkpoint: str, postprocess: bo
         t = Path(os.path.abspath(test))  # the name as given, not a symlink's target
         t = t.parent if t.name in ("imagesTs", "labelsTs") else t
         which = "test-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", t.name)
-    tail = "-postprocessed" if postprocess else ""
+    tail = ("-postprocessed" if postprocess else "") + (f"-ensemble{members}" if members > 1 else "")
     return Path(run_dir) / f"evaluation-{which}-{Path(checkpoint).stem}{tail}.csv"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="eval/evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="run folder written by train_seg.py")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run folder written by train_seg.py; several (with --test): scored as one "
+                        "ensemble, their softmax averaged (e.g. the folds of a cross-validation)")
     p.add_argument("--data", metavar="PATH", help="dataset folder the run was trained on "
                    "(default: the one in its split.json); its held-out volumes are evaluated")
     p.add_argument("--test", metavar="PATH", help="evaluate every labelled volume of this test set "
@@ -71,15 +75,22 @@ def main(argv=None) -> int:
         from scse_seg.fileio import check_writable_folder
 
         csv_path = Path(args.csv) if args.csv else \
-            default_csv(args.run_dir, args.test, args.checkpoint, args.postprocess)
+            default_csv(args.run_dirs[0], args.test, args.checkpoint, args.postprocess,
+                        len(args.run_dirs))
         if csv_path.is_dir():
             raise UserError(f"--csv {csv_path} is a folder; pass a file name")
-        if Path(args.run_dir).is_dir() or args.csv:
+        if len(args.run_dirs) > 1 and not args.test:
+            raise UserError("several RUN_DIRs are scored together only on a test set: pass --test "
+                            "PATH (their held-out volumes differ)")
+        if len(args.run_dirs) > 1 and args.postprocess:
+            raise UserError("--postprocess scores one run; pass a single RUN_DIR")
+        if Path(args.run_dirs[0]).is_dir() or args.csv:
             check_writable_folder(csv_path.parent, "the results CSV")
         from scse_seg.metrics import check_nsd_tolerance
 
         tolerance = check_nsd_tolerance(1.0 if args.nsd_tolerance is None else args.nsd_tolerance)
-        res = evaluate_run(args.run_dir, args.data, args.checkpoint, tta_flip=args.tta,
+        runs = args.run_dirs[0] if len(args.run_dirs) == 1 else args.run_dirs
+        res = evaluate_run(runs, args.data, args.checkpoint, tta_flip=args.tta,
                            nsd_tolerance=tolerance, postprocess=args.postprocess,
                            surface=args.surface, device=args.device,
                            save_dir=args.save_predictions, test_path=args.test,

@@ -23,7 +23,7 @@ from .errors import ConfigError, UserError
 from .runtime import show_progress
 
 GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "nsd_tolerance", "tta", "folds",
-             "sweep", "ablate"}
+             "sweep", "ablate", "test"}
 # keys that change only the attention blocks: the vanilla (none) run is the same for every value,
 # so it is trained once and serves as the baseline of each swept setting
 ATTENTION_ONLY_KEYS = {"model.reduction", "model.fusion", "model.bottleneck_attention",
@@ -40,6 +40,7 @@ class GridSpec:
     surface: bool = False
     nsd_tolerance: float = 1.0  # mm, the normalised surface Dice's (with surface)
     tta: bool = False
+    test: Path | None = None  # a separate labelled test set every variant is also scored on
     folds: int | None = None  # K-fold cross-validation over subjects (None: one split)
     sweep: dict = field(default_factory=dict)  # config key -> list of values (crossed)
     ablate: dict = field(default_factory=dict)  # config key -> values tried one key at a time
@@ -86,6 +87,13 @@ class GridSpec:
         if getattr(args, "shard", None):
             spec.shard = parse_shard(args.shard)
         spec.surface = spec.surface or args.surface
+        if getattr(args, "test", None):
+            spec.test = args.test
+        if spec.test is not None:
+            from .data.msd import read_test_set
+
+            spec.test = Path(spec.test)
+            read_test_set(spec.test)  # a wrong --test fails now, not after the training
         if getattr(args, "nsd_tolerance", None) is not None:
             spec.nsd_tolerance = args.nsd_tolerance
         from .metrics import check_nsd_tolerance
@@ -304,18 +312,71 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     results = [replace(evaluated[spec.config(a, t, s, f, st, b).out], arch=spec.label(a, st),
                        attention=spec.variant_label(b, t))
                for a, t, s, f, st, b in combos]
+    test_results = _evaluate_on_test(spec, combos) if spec.test is not None else None
     from .evaluation.compare_report import small_sample_notes, summary_rows, write_comparison
 
     for note in small_sample_notes(summary_rows(results)):
         print(f"note: {note}", flush=True)
     try:
-        write_comparison(results, spec,
-                         wall_seconds=_add_wall_time(spec.out, time.perf_counter() - t_start))
+        wall = _add_wall_time(spec.out, time.perf_counter() - t_start)
+        write_comparison(results, spec, wall_seconds=wall)
+        if test_results is not None:
+            for note in small_sample_notes(summary_rows(test_results)):
+                print(f"note ({test_folder(spec).name}): {note}", flush=True)
+            write_comparison(test_results, spec, out=test_folder(spec), wall_seconds=wall,
+                             test_path=spec.test)
     except OSError as e:
         raise UserError(f"could not write the comparison into {spec.out} ({os_error_text(e)}); "
                         "every run and its eval.json are kept: free disk space and rerun the "
                         "same command (it only writes the report)") from None
     return spec.out
+
+
+def test_folder(spec: GridSpec) -> Path:
+    """Where the report on ``spec.test`` goes: ``OUT/test-NAME`` beside the held-out report."""
+    from .data.msd import read_test_set
+
+    ds, _ = read_test_set(spec.test)
+    return spec.out / f"test-{Path(ds.root).name}"
+
+
+def _evaluate_on_test(spec: GridSpec, combos) -> list:
+    """Every variant and seed scored on ``spec.test``: one run, or under K-fold
+    cross-validation the ensemble of its K fold runs (softmax averaged, as nnU-Net predicts a
+    test set). Cached per ensemble in its first run's folder."""
+    from tqdm.auto import tqdm
+
+    from .evaluation.runs import evaluate_run
+    from .fileio import file_sha256
+
+    groups: dict[tuple, list] = {}
+    for a, t, s, f, st, b in combos:
+        label = (spec.label(a, st), spec.variant_label(b, t), s)
+        groups.setdefault(label, [])
+        out = spec.config(a, t, s, f, st, b).out
+        if out not in groups[label]:
+            groups[label].append(out)
+    name = test_folder(spec).name
+    done: dict[tuple, object] = {}
+    results = []
+    for (arch, attn, _), members in tqdm(groups.items(), desc=f"scoring on {name}", unit="model",
+                                         disable=not show_progress(spec.progress)):
+        members = tuple(sorted(members))
+        if members not in done:
+            cache = Path(members[0]) / f"eval-{name}.json"
+            key = dict(test=str(spec.test.resolve()), tta=spec.tta, surface=spec.surface,
+                       nsd_tolerance=spec.nsd_tolerance if spec.surface else None,
+                       members=[[m, file_sha256(Path(m) / "last.pt")] for m in members])
+            res = _load_eval(cache, key)
+            if res is None:
+                t0 = time.perf_counter()
+                res = evaluate_run(list(members), test_path=spec.test, tta_flip=spec.tta,
+                                   surface=spec.surface, progress=False,
+                                   nsd_tolerance=spec.nsd_tolerance)
+                _save_eval(cache, res, key, time.perf_counter() - t0)
+            done[members] = res
+        results.append(replace(done[members], arch=arch, attention=attn))
+    return results
 
 
 def _add_wall_time(out: Path, seconds: float) -> float:

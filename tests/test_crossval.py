@@ -136,6 +136,47 @@ def test_crossvalidated_grid_tests_every_subject_once(tiny_phantom, tmp_path):
     assert lo <= 100 * d.mean() + 0.006 and 100 * d.mean() - 0.006 <= hi
     assert cells[6] == f"{int(np.sum(d > 0))} of 4"  # volumes better: the sign count
     assert re.fullmatch(r"\d+ of 10", cells[7])  # structures improved
+    _external_test_set_scores_the_fold_ensembles(args, out, tmp_path)
+
+
+def _external_test_set_scores_the_fold_ensembles(args, out, tmp_path):
+    """compare.py --test: each variant is the ensemble of its 2 fold runs, scored on another
+    dataset; its Dice is recomputed here from the two networks' softmax maps averaged by hand."""
+    import compare
+    import nibabel as nib
+    import torch
+    from helpers import model_from_checkpoint
+
+    from scse_seg.data import generate_phantom
+
+    test = generate_phantom(tmp_path / "Other", n_cases=2, shape=(32, 32, 32), seed=7)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/last.pt")}
+    assert compare.main([*args, "--test", str(test)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/last.pt")} == before
+    report = (out / "test-Other/report.md").read_text()
+    assert "2 test volumes in" in report and "ensemble of its 2 fold runs" in report
+    rows = [r for r in csv.DictReader((out / "test-Other/results.csv").open())
+            if r["attention"] == "none" and r["volume"] == "phantom_000"]
+    assert len(rows) == 10  # every structure of the ensemble's prediction on one test volume
+    x = np.asarray(nib.load(str(test / "imagesTr/phantom_000.nii.gz")).dataobj).astype(np.float32)
+    fg = x[x != 0]
+    x = torch.from_numpy(np.moveaxis((x - fg.mean()) / fg.std(), 1, 0)[:, None].copy())
+    probs = 0
+    for fold in ("f0", "f1"):
+        model, ck = model_from_checkpoint(out / f"runs/unet-none-{fold}-s0", 1)
+        with torch.no_grad():
+            probs = probs + torch.softmax(model(x), 1).numpy() / 2
+    pred = np.moveaxis(probs.argmax(1), 0, 1)
+    values = ck["label_values"]
+    ref = np.searchsorted(values, np.asarray(nib.load(str(test / "labelsTr/phantom_000.nii.gz")).dataobj))
+    scored = 0
+    for r in rows:
+        c = int(r["class_index"])
+        a, b = pred == c, ref == c
+        if a.sum() + b.sum():
+            scored += 1
+            assert float(r["dice"]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=1e-4)
+    assert scored >= 5
 
 
 def test_sweep_crosses_values_and_reuses_the_vanilla_run(tiny_phantom, tmp_path):

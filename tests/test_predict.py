@@ -266,6 +266,26 @@ def test_postprocessing_is_chosen_on_held_out_volumes_and_applied_by_predict(run
         ["cortex", "ventricles"]
 
 
+def test_evaluate_scores_an_ensemble_on_a_test_set(run, run2, dataset, capsys):
+    import evaluate
+
+    assert evaluate.main([str(run), str(run2), "--test", str(dataset), "--no-progress"]) == 0
+    path = run / "evaluation-test-Phantom-last-ensemble2.csv"
+    rows = [r for r in csv.DictReader(path.open()) if r["volume"] == "phantom_003"]
+    mean = 0.5 * (_softmax_by_hand(run, dataset / "imagesTs/phantom_003_0000.nii.gz")
+                  + _softmax_by_hand(run2, dataset / "imagesTs/phantom_003_0000.nii.gz"))
+    ref = np.searchsorted(VALUES, np.asarray(nib.load(str(dataset / "labelsTs/phantom_003.nii.gz")).dataobj))
+    pred = mean.argmax(0)
+    assert len(rows) == len(VALUES) - 1
+    for r in rows:
+        a, b = pred == int(r["class_index"]), ref == int(r["class_index"])
+        if a.sum() + b.sum():
+            assert float(r["dice"]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=2e-3)
+    capsys.readouterr()
+    assert evaluate.main([str(run), str(run2), "--no-progress"]) == 2
+    assert "only on a test set" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------- evaluate --test
 
 

@@ -173,6 +173,10 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
     if folds > 1:
         w(f"{folds}-fold cross-validation over subjects: {len(vols)} volumes, each held out once "
           f"and scored once per seed; ")
+    elif r0.evaluated_on != "held-out volumes":
+        w(f"{len(vols)} {r0.evaluated_on} (the same for every run)"
+          + (f", each variant the ensemble of its {len(r0.members)} fold runs (softmax averaged)"
+             if r0.members else "") + "; ")
     else:
         w(f"{len(vols)} held-out volumes (the same for every run), ")
     w(f"{len(_ordered(results, 'seed'))} seed(s) per variant, {len(r0.history)} epochs each; last "
@@ -283,11 +287,12 @@ def write_results_csv(results, path: Path) -> Path:
     return path
 
 
-def _example_predictions(results, device=None):
-    """Re-predict one held-out volume with the first seed of every variant (cached evaluations
-    keep numbers, not volumes). Returns (volume, axis, arch -> attention -> prediction)."""
+def _example_predictions(results, device=None, test_path=None):
+    """Re-predict one held-out (or test) volume with the first seed of every variant (cached
+    evaluations keep numbers, not volumes). Returns (volume, axis, arch -> attention ->
+    prediction)."""
     from ..data import AXIS_INDEX
-    from .runs import open_run
+    from .runs import open_runs
 
     first = {}
     for r in results:
@@ -295,7 +300,7 @@ def _example_predictions(results, device=None):
     preds: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     vol = axis = None
     for (arch, attn), r in first.items():
-        run = open_run(r.run_dir, device=device)
+        run = open_runs(r.members or [r.run_dir], device=device, test_path=test_path)
         if vol is None:
             vol = run.load(run.val[0])
             axis = AXIS_INDEX[run.cfg.data.axis]
@@ -304,9 +309,11 @@ def _example_predictions(results, device=None):
 
 
 def write_comparison(results, spec=None, out: str | Path | None = None,
-                     wall_seconds: float | None = None, device: str | None = None) -> Path:
+                     wall_seconds: float | None = None, device: str | None = None,
+                     test_path: str | Path | None = None) -> Path:
     """Write report.md, results.csv, dice_boxplot.png, structures.png, overlay.png and curves.png
-    into ``out`` (default ``spec.out``); returns the report path."""
+    into ``out`` (default ``spec.out``); returns the report path. ``test_path``: the results are
+    scores on that test set (the overlay shows one of its volumes)."""
     from ..fileio import atomic_write_text
     from . import plots
 
@@ -329,7 +336,7 @@ def write_comparison(results, spec=None, out: str | Path | None = None,
     plots.structure_plot({a: {t: {s: v[0] for s, v in d.items()} for t, d in by.items()}
                           for a, by in structs.items()}, out / "structures.png")
     plots.training_curves(histories, out / "curves.png")
-    vol, axis, preds = _example_predictions(results, device)
+    vol, axis, preds = _example_predictions(results, device, test_path)
     from ..data import channels_first
 
     plots.overlay_plot(channels_first(vol.image)[0], vol.label, preds, axis, len(results[0].class_names),

@@ -29,6 +29,7 @@ class RunEvaluation:
     example: dict | None = None  # one volume's image/reference/prediction for overlays
     evaluated_on: str = "held-out volumes"  # or "test volumes in PATH"
     checkpoint: str = ""  # which weights were scored: "last.pt (epoch 6, sha256 1a2b3c4d5e6f)"
+    members: list[str] = field(default_factory=list)  # an ensemble's runs (run_dir: the first)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class _OpenRun:
     dataset: object  # MSDDataset
     val: list[str]  # volumes to evaluate, in order (the held-out split, or every test volume)
     evaluated_on: str = "held-out volumes"
+    ensemble: object = None  # scse_seg.predictor.Ensemble predicting instead of ``loaded``
 
     model = property(lambda self: self.loaded.model)
     ckpt = property(lambda self: self.loaded.ckpt)
@@ -50,7 +52,22 @@ class _OpenRun:
 
     def predict(self, image: np.ndarray, tta_flip: bool = False,
                 affine: np.ndarray | None = None) -> np.ndarray:
-        return self.loaded.predict_classes(image, tta_flip, affine)
+        return (self.ensemble or self.loaded).predict_classes(image, tta_flip, affine)
+
+
+def open_runs(run_dirs: list, checkpoint: str = "last.pt", device: str | None = None,
+              test_path: str | Path | None = None, device_option: str = "--device") -> _OpenRun:
+    """One run (see :func:`open_run`), or several on one test set as an ensemble (their softmax
+    averaged, e.g. the folds of a cross-validation); the first run stands for the metadata."""
+    from ..predictor import Ensemble
+
+    runs = [open_run(d, None, checkpoint, device, test_path, device_option) for d in run_dirs]
+    if len(runs) > 1:
+        if test_path is None:
+            raise UserError("several runs are scored together only on a test set (--test): "
+                            "their held-out volumes differ")
+        runs[0].ensemble = Ensemble([r.loaded for r in runs])
+    return runs[0]
 
 
 def _some(items, limit: int = 10) -> str:
@@ -149,6 +166,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
                  device_option: str = "--device", overwrite: bool = False,
                  nsd_tolerance: float = 1.0, postprocess: bool = False) -> RunEvaluation:
     """Predict every held-out volume of ``run_dir`` and compute per-structure metrics.
+    A list of run folders with ``test_path`` is scored as one ensemble (:func:`open_runs`).
 
     The last checkpoint is evaluated by default: the comparison trains on a fixed schedule and
     the held-out volumes are never used to pick a checkpoint, so the numbers are not optimistic.
@@ -161,8 +179,10 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
     """
     from ..fileio import StagedFiles, check_can_write
 
-    run_dir = Path(run_dir)
-    run = open_run(run_dir, data_path, checkpoint, device, test_path, device_option)
+    dirs = [Path(d) for d in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
+    run_dir = dirs[0]
+    run = open_run(run_dir, data_path, checkpoint, device, test_path, device_option) \
+        if len(dirs) == 1 else open_runs(dirs, checkpoint, device, test_path, device_option)
     if tta_flip:
         tta_flip_axes(run.cfg, run_dir)  # refuse before predicting anything
     keep = []
@@ -193,7 +213,8 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
         train_seconds=float(sum(h.get("seconds", 0.0) for h in hist)),
         infer_seconds_per_volume=float(np.mean(times)) if times else float("nan"),
         class_names=list(run.dataset.class_names), rows=rows, history=hist, example=example,
-        evaluated_on=run.evaluated_on, checkpoint=_checkpoint_identity(run.loaded))
+        evaluated_on=run.evaluated_on, checkpoint=_checkpoint_identity(run.loaded),
+        members=[str(d) for d in dirs] if len(dirs) > 1 else [])
 
 
 def _checkpoint_identity(loaded) -> str:

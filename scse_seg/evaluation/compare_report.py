@@ -269,7 +269,8 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None) -> st
       "per-volume, per-structure number (and the checkpoint it scored): `results.csv`.\n")
     w("\n## Checkpoints scored\n\n| run | checkpoint |\n|---|---|\n")
     for r in {r.run_dir: r for r in results}.values():
-        w(f"| {Path(r.run_dir).name} | {r.checkpoint or 'n/a'} |\n")
+        name = " + ".join(Path(m).name for m in r.members) or Path(r.run_dir).name
+        w(f"| {name} | {r.checkpoint or 'n/a'} |\n")
     return out.getvalue()
 
 

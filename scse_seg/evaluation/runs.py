@@ -213,7 +213,9 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
         train_seconds=float(sum(h.get("seconds", 0.0) for h in hist)),
         infer_seconds_per_volume=float(np.mean(times)) if times else float("nan"),
         class_names=list(run.dataset.class_names), rows=rows, history=hist, example=example,
-        evaluated_on=run.evaluated_on, checkpoint=_checkpoint_identity(run.loaded),
+        evaluated_on=run.evaluated_on,
+        checkpoint="; ".join(_checkpoint_identity(m) for m in
+                             (run.ensemble.members if run.ensemble else [run.loaded])),
         members=[str(d) for d in dirs] if len(dirs) > 1 else [])
 
 

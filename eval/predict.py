@@ -8,7 +8,8 @@ normalisation, slice axis or patch size) is read from the run folder.
 
 Several RUN_DIRs (e.g. the folds of a cross-validation) are ensembled: their softmax
 probabilities are averaged before the argmax, as nnU-Net does; they must share classes and
-channels. --save-probabilities also writes CASE.npz (array 'probabilities', float16, classes x
+channels. A grid variant named without its fold (GRID/runs/unet-scse-s0) stands for all its
+folds. --save-probabilities also writes CASE.npz (array 'probabilities', float16, classes x
 X x Y x Z, with 'class_names') beside each CASE.nii.gz.
 INPUT: a .nii/.nii.gz file, a folder of them, a dataset folder (its imagesTs/ is used), or a
 glob pattern ('scans/*.nii.gz'); several may be given.
@@ -187,14 +188,32 @@ def is_run_folder(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").is_file()
 
 
+def fold_runs(path: str | Path) -> list[str]:
+    """A cross-validation variant named without its fold, ``GRID/runs/unet-scse-s0``: the fold
+    runs ``GRID/runs/unet-scse-f0-s0``, ``…-f1-s0``, … that compare.py --folds wrote; [] if none."""
+    path = Path(path)
+    stem, dash, seed = path.name.rpartition("-")
+    if not dash or not seed.startswith("s") or not path.parent.is_dir():
+        return []
+    found = []
+    for k in range(1000):
+        fold = path.parent / f"{stem}-f{k}-{seed}"
+        if not is_run_folder(fold):
+            break
+        found.append(str(fold))
+    return found
+
+
 def split_paths(paths: list[str]) -> tuple[list[str], list[str], str]:
     """RUN_DIR ... INPUT ... OUTPUT: the leading run folders, the inputs, the last path."""
-    runs = []
+    runs, used = [], 0
     for path in paths[:-1]:
-        if not is_run_folder(path):
+        members = [path] if is_run_folder(path) else fold_runs(path)
+        if not members:
             break
-        runs.append(path)
-    inputs, output = paths[len(runs):-1], paths[-1]
+        runs += members
+        used += 1
+    inputs, output = paths[used:-1], paths[-1]
     if not runs:
         what = "not found" if not Path(paths[0]).exists() else "is not a run folder (no config.yaml)"
         raise UserError(f"run folder {paths[0]} {what}; start with the run folder(s) written by "

@@ -312,19 +312,22 @@ def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
     results = [replace(evaluated[spec.config(a, t, s, f, st, b).out], arch=spec.label(a, st),
                        attention=spec.variant_label(b, t))
                for a, t, s, f, st, b in combos]
-    test_results = _evaluate_on_test(spec, combos) if spec.test is not None else None
+    test_out = test_folder(spec) if spec.test is not None else None
+    test_results = _evaluate_on_test(spec, combos, test_out.name) if test_out else None
     from .evaluation.compare_report import small_sample_notes, summary_rows, write_comparison
 
-    for note in small_sample_notes(summary_rows(results)):
+    rows = summary_rows(results)  # once: the notes and the report share the bootstrap
+    for note in small_sample_notes(rows):
         print(f"note: {note}", flush=True)
     try:
         wall = _add_wall_time(spec.out, time.perf_counter() - t_start)
-        write_comparison(results, spec, wall_seconds=wall)
+        write_comparison(results, spec, wall_seconds=wall, rows=rows)
         if test_results is not None:
-            for note in small_sample_notes(summary_rows(test_results)):
-                print(f"note ({test_folder(spec).name}): {note}", flush=True)
-            write_comparison(test_results, spec, out=test_folder(spec), wall_seconds=wall,
-                             test_path=spec.test)
+            rows = summary_rows(test_results)
+            for note in small_sample_notes(rows):
+                print(f"note ({test_out.name}): {note}", flush=True)
+            write_comparison(test_results, spec, out=test_out, wall_seconds=wall,
+                             test_path=spec.test, rows=rows)
     except OSError as e:
         raise UserError(f"could not write the comparison into {spec.out} ({os_error_text(e)}); "
                         "every run and its eval.json are kept: free disk space and rerun the "
@@ -340,7 +343,7 @@ def test_folder(spec: GridSpec) -> Path:
     return spec.out / f"test-{Path(ds.root).name}"
 
 
-def _evaluate_on_test(spec: GridSpec, combos) -> list:
+def _evaluate_on_test(spec: GridSpec, combos, name: str) -> list:
     """Every variant and seed scored on ``spec.test``: one run, or under K-fold
     cross-validation the ensemble of its K fold runs (softmax averaged, as nnU-Net predicts a
     test set). Cached per ensemble in its first run's folder."""
@@ -356,7 +359,6 @@ def _evaluate_on_test(spec: GridSpec, combos) -> list:
         out = spec.config(a, t, s, f, st, b).out
         if out not in groups[label]:
             groups[label].append(out)
-    name = test_folder(spec).name
     done: dict[tuple, object] = {}
     results = []
     for (arch, attn, _), members in tqdm(groups.items(), desc=f"scoring on {name}", unit="model",
@@ -405,7 +407,6 @@ def eval_key(run_dir: Path, spec: GridSpec, checkpoint: str = "last.pt") -> dict
     return dict(checkpoint=checkpoint, sha256=file_sha256(run_dir / checkpoint), tta=spec.tta,
                 surface=spec.surface, nsd_tolerance=spec.nsd_tolerance if spec.surface else None,
                 dataset_root=split.get("dataset_root"), volumes=split["val"])
-
 
 
 def _load_eval(path: Path, key: dict):

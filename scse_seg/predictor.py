@@ -194,10 +194,6 @@ class Ensemble:
     num_classes = property(lambda self: self.members[0].num_classes)
     device = property(lambda self: self.members[0].device)
 
-    @property
-    def run_dirs(self) -> list[Path]:
-        return [m.run_dir for m in self.members]
-
     def probabilities(self, image: np.ndarray, tta: bool = False,
                       affine: np.ndarray | None = None) -> np.ndarray:
         total = None
@@ -209,8 +205,6 @@ class Ensemble:
 
     def predict_classes(self, image: np.ndarray, tta: bool = False,
                         affine: np.ndarray | None = None) -> np.ndarray:
-        if len(self.members) == 1:
-            return self.members[0].predict_classes(image, tta, affine)
         return self.probabilities(image, tta, affine).argmax(0)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .nifti import AFFINE_TOLERANCE, load_nifti, open_scan, read_scan
+from .nifti import AFFINE_TOLERANCE, channel_files, load_nifti, open_scan, read_scan
 
 
 @dataclass
@@ -144,13 +144,12 @@ def _parse_channels(meta: dict, js: Path) -> list[str]:
     return [n for _, n in idx]
 
 
-def _channel_files(image: Path, channels: int, ending: str, js: Path, what: str) -> list[Path]:
+def _channel_files(image: Path, channels: int, js: Path, what: str) -> list[Path]:
     """nnU-Net layout: the ``<case>_0000`` ... ``<case>_{C-1}`` files of ``image`` (which is
     channel 0), checked present; [] for one channel or a single (4D) image file."""
-    stem = _strip_ext(image.name)
-    if channels == 1 or not stem.endswith("_0000"):
+    files = channel_files(image, channels)
+    if len(files) == 1:
         return []
-    files = [image.with_name(f"{stem[:-5]}_{c:04d}{ending}") for c in range(channels)]
     for f in files[1:]:
         if not f.is_file():
             raise DataError(f"{what}: channel file {f} is missing ({js.name} declares {channels} "
@@ -194,14 +193,14 @@ def read_msd(root: str | Path) -> MSDDataset:
                 if not p.is_file():
                     raise DataError(f"{js}: training entry {i} points to missing {what} file {p}; "
                                     "restore the file or remove the entry")
-            files = _channel_files(img, n_ch, ending, js, f"{js}: training entry {i}")
+            files = _channel_files(img, n_ch, js, f"{js}: training entry {i}")
             cases.append(CaseRef(_strip_ext(lab.name), img, lab, files))
     else:  # nnU-Net v2: pair imagesTr/<case>_0000<ending> with labelsTr/<case><ending>
         for lab in sorted((root / "labelsTr").glob(f"*{ending}")):
             case = lab.name[: -len(ending)]
             img = _inside(root, f"imagesTr/{case}_0000{ending}", "image")
             if img.is_file():
-                cases.append(CaseRef(case, img, lab, _channel_files(img, n_ch, ending, js, str(lab))))
+                cases.append(CaseRef(case, img, lab, _channel_files(img, n_ch, js, str(lab))))
     _check_unique(cases, js)
     orphans = _find_orphans(root, cases, ending)
     if not cases:
@@ -362,7 +361,7 @@ def read_test_set(path: str | Path) -> tuple[MSDDataset, str]:
         if img is None:
             missing.append(case)
         else:
-            cases.append(CaseRef(case, img, lab, _channel_files(img, ds.num_channels, ending, js,
+            cases.append(CaseRef(case, img, lab, _channel_files(img, ds.num_channels, js,
                                                                 str(lab))))
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")

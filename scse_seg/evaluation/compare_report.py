@@ -159,8 +159,10 @@ def _p(p):
     return f"{p:.2g}" + (" *" if p < 0.05 else "")
 
 
-def render_markdown(results, spec=None, wall_seconds: float | None = None) -> str:
-    rows = summary_rows(results)
+def render_markdown(results, spec=None, wall_seconds: float | None = None,
+                    rows: list[dict] | None = None) -> str:
+    """report.md; ``rows``: :func:`summary_rows` of ``results`` if the caller has them."""
+    rows = summary_rows(results) if rows is None else rows
     structs = structure_means(results)
     surface = "hd95" in rows[0]
     r0 = results[0]
@@ -311,7 +313,7 @@ def _example_predictions(results, device=None, test_path=None):
 
 def write_comparison(results, spec=None, out: str | Path | None = None,
                      wall_seconds: float | None = None, device: str | None = None,
-                     test_path: str | Path | None = None) -> Path:
+                     test_path: str | Path | None = None, rows: list[dict] | None = None) -> Path:
     """Write report.md, results.csv, dice_boxplot.png, structures.png, overlay.png and curves.png
     into ``out`` (default ``spec.out``); returns the report path. ``test_path``: the results are
     scores on that test set (the overlay shows one of its volumes)."""
@@ -343,7 +345,7 @@ def write_comparison(results, spec=None, out: str | Path | None = None,
     plots.overlay_plot(channels_first(vol.image)[0], vol.label, preds, axis, len(results[0].class_names),
                        out / "overlay.png", title=f"held-out volume {vol.name}")
     report = out / "report.md"
-    atomic_write_text(report, render_markdown(results, spec, wall_seconds))
+    atomic_write_text(report, render_markdown(results, spec, wall_seconds, rows))
     return report
 
 

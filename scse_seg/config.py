@@ -77,6 +77,7 @@ class ModelConfig:
     dim: int = 2
     width: int = 16
     reduction: float = 2
+    min_hidden: int = 1  # floor on cSE's hidden width C // r (cse, scse)
     fusion: str = "max"
     bottleneck_attention: bool = True
     placement: str = "all"  # all | encoder | decoder: which blocks get attention (ablations)
@@ -98,6 +99,8 @@ class ModelConfig:
         _check(self.dim in (2, 3), "model.dim", "must be 2 or 3")
         _check(self.width >= 1, "model.width", "must be positive")
         _check(self.reduction > 0, "model.reduction", "must be positive")
+        _check(isinstance(self.min_hidden, int) and self.min_hidden >= 1, "model.min_hidden",
+               "must be a whole number of at least 1")
         _check(self.fusion in ("max", "add"), "model.fusion", "must be max or add")
         _check(self.placement in ("all", "encoder", "decoder"), "model.placement",
                f"must be all, encoder or decoder, got {self.placement!r}")
@@ -132,8 +135,8 @@ class ModelConfig:
     def build(self, in_channels: int, num_classes: int):
         from .models import create_model
 
-        kw: dict[str, Any] = dict(width=self.width, reduction=self.reduction, fusion=self.fusion,
-                                  bottleneck_attention=self.bottleneck_attention)
+        se = dict(reduction=self.reduction, min_hidden=self.min_hidden, fusion=self.fusion)
+        kw: dict[str, Any] = dict(width=self.width, bottleneck_attention=self.bottleneck_attention, **se)
         if self.placement != "all":
             kw["placement"] = self.placement
         if self.dropout is not None:
@@ -141,7 +144,7 @@ class ModelConfig:
         if self.block is not None:
             kw["block"] = self.block
         if self.arch.startswith("smp"):  # smp_unet and the smp:* networks (models/plugged.py)
-            kw = dict(encoder_name=self.encoder_name, reduction=self.reduction, fusion=self.fusion,
+            kw = dict(encoder_name=self.encoder_name, **se,
                       **({"placement": self.placement} if self.placement != "all" else {}))
         return create_model(self.arch, in_channels, num_classes, self.attention, self.dim, **kw)
 

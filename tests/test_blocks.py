@@ -76,6 +76,30 @@ def test_hidden_width_never_below_one():
     assert m(torch.randn(1, 3, 4, 4)).shape == (1, 3, 4, 4)
 
 
+@pytest.mark.parametrize("channels, reduction, floor, hidden", [
+    (16, 16, 1, 1), (16, 16, 4, 4), (16, 16, 8, 8), (64, 16, 4, 4), (256, 16, 8, 16),
+    (3, 16, 8, 3),  # never wider than the layer itself
+])
+def test_min_hidden_is_a_floor_on_c_over_r(channels, reduction, floor, hidden):
+    for name in ("cse", "scse"):
+        m = create_attention(name, channels, reduction=reduction, min_hidden=floor)
+        fc1 = (m.cse if name == "scse" else m).excite.fc1
+        assert fc1.out_features == hidden
+        # C*h + h + h*C + C parameters in the MLP
+        assert sum(p.numel() for p in (m.cse if name == "scse" else m).excite.parameters()) == \
+            2 * channels * hidden + hidden + channels
+    with pytest.raises(ValueError, match="min_hidden"):
+        create_attention("cse", 8, min_hidden=0)
+
+
+def test_min_hidden_reaches_every_block_of_a_model():
+    from scse_seg.models import create_model
+
+    m = create_model("unet", 1, 3, "scse", width=16, reduction=16, min_hidden=4)
+    widths = {b.channels: b.cse.excite.fc1.out_features for b in m.attention_modules()}
+    assert widths == {16: 4, 32: 4, 64: 4, 128: 8, 256: 16}
+
+
 def test_cse_formula():
     torch.manual_seed(0)
     m = ChannelSE(6, dim=2, reduction=2)

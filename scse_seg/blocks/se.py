@@ -21,10 +21,14 @@ from .nd import check_dim, layer, spatial_dims
 from .registry import register_attention
 
 
-def _hidden(channels: int, reduction: float) -> int:
+def _hidden(channels: int, reduction: float, min_hidden: int = 1) -> int:
+    """cSE's bottleneck width ``C // r``, at least ``min_hidden`` (and never wider than ``C``): a
+    floor like timm's ``rd_divisor`` keeps narrow layers from a one-unit bottleneck at r=16."""
     if reduction <= 0:
         raise ValueError(f"reduction must be positive, got {reduction}")
-    return max(1, int(channels // reduction))
+    if min_hidden < 1:
+        raise ValueError(f"min_hidden must be at least 1, got {min_hidden}")
+    return max(int(channels // reduction), min(min_hidden, channels), 1)
 
 
 def _fast(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor | None:
@@ -51,9 +55,9 @@ class NoAttention(nn.Identity):
 class _ChannelExcitation(nn.Module):
     """The cSE gate: spatial mean -> FC -> ReLU -> FC -> sigmoid, returning N x C weights."""
 
-    def __init__(self, channels: int, reduction: float, dim: int):
+    def __init__(self, channels: int, reduction: float, dim: int, min_hidden: int = 1):
         super().__init__()
-        hidden = _hidden(channels, reduction)
+        hidden = _hidden(channels, reduction, min_hidden)
         self.dims = spatial_dims(dim)
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, channels)
@@ -69,12 +73,13 @@ class _ChannelExcitation(nn.Module):
 class ChannelSE(nn.Module):
     """Spatial squeeze & channel excitation, the "cSE" block: ``x * sigmoid(MLP(mean(x)))``."""
 
-    accepted_kwargs = ("reduction", "fused")
+    accepted_kwargs = ("reduction", "min_hidden", "fused")
 
-    def __init__(self, channels: int, dim: int = 2, reduction: float = 2, fused: bool = True):
+    def __init__(self, channels: int, dim: int = 2, reduction: float = 2, min_hidden: int = 1,
+                 fused: bool = True):
         super().__init__()
         self.channels, self.dim, self.fused = channels, check_dim(dim), fused
-        self.excite = _ChannelExcitation(channels, reduction, dim)
+        self.excite = _ChannelExcitation(channels, reduction, dim, min_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _fast(self, x, "cse")
@@ -116,15 +121,15 @@ class ConcurrentSE(nn.Module):
     ``fusion="add"``: ``x*g_c + x*g_s`` (MICCAI 2018, smp's ``SCSEModule``).
     """
 
-    accepted_kwargs = ("reduction", "fusion", "fused")
+    accepted_kwargs = ("reduction", "min_hidden", "fusion", "fused")
 
     def __init__(self, channels: int, dim: int = 2, reduction: float = 2, fusion: str = "max",
-                 fused: bool = True):
+                 min_hidden: int = 1, fused: bool = True):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown scSE fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
         self.channels, self.dim, self.fusion, self.fused = channels, check_dim(dim), fusion, fused
-        self.cse = ChannelSE(channels, dim, reduction, fused=False)
+        self.cse = ChannelSE(channels, dim, reduction, min_hidden, fused=False)
         self.sse = SpatialSE(channels, dim, fused=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "nsd_toleran
              "sweep", "ablate", "test"}
 # keys that change only the attention blocks: the vanilla (none) run is the same for every value,
 # so it is trained once and serves as the baseline of each swept setting
-ATTENTION_ONLY_KEYS = {"model.reduction", "model.fusion", "model.bottleneck_attention",
+ATTENTION_ONLY_KEYS = {"model.reduction", "model.min_hidden", "model.fusion", "model.bottleneck_attention",
                        "model.placement"}
 
 

@@ -76,9 +76,9 @@ class ModelConfig:
     attention: str = "scse"
     dim: int = 2
     width: int = 16
-    reduction: float = 2
+    reduction: float = 16  # the TMI 2019 setting: reduction 2, fusion max
     min_hidden: int = 1  # floor on cSE's hidden width C // r (cse, scse)
-    fusion: str = "max"
+    fusion: str = "add"
     bottleneck_attention: bool = True
     placement: str = "all"  # all | encoder | decoder: which blocks get attention (ablations)
     dropout: float | None = None  # None -> the architecture's default

@@ -172,6 +172,8 @@ def test_comparison_writes_every_file(grid):
     assert "## unet" in report and "| none |" in report and "| scse |" in report
     assert "Wilcoxon p" in report and "overhead" in report and "HD95" in report
     assert "Per-structure Dice" in report
+    # the settings the scSE runs were trained with: the defaults of configs/default.yaml
+    assert "Attention settings: scse: reduction 16, fusion add, min_hidden 1.\n" in report
     rows = list(csv.DictReader((out / "results.csv").open()))
     # 2 held-out volumes of 4 x 10 structures x 2 variants
     assert len(rows) == 2 * 10 * 2

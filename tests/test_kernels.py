@@ -194,8 +194,8 @@ def _self_check(kernel: str):
     kernels.TRITON_FN = {"good": None, "wrong": wrong, "raising": raising}[kernel]
     try:
         torch.manual_seed(0)
-        m = ConcurrentSE(8, 2)
-        ref = ConcurrentSE(8, 2, fused=False)
+        m = ConcurrentSE(8, 2, fusion="max")
+        ref = ConcurrentSE(8, 2, fusion="max", fused=False)
         ref.load_state_dict(m.state_dict())
         x = torch.randn(2, 8, 6, 6)
         with warnings.catch_warnings(record=True) as caught:

@@ -109,8 +109,9 @@ def test_channels_found_by_probe_match_the_constructor_arguments():
                       example_input=torch.zeros(1, 1, 32, 32, 32))
     assert [row.channels for row in r.rows] == [4, 4, 8, 16, 32, 16, 8, 4, 4]
     assert [row.site for row in r.rows][-4:] == ["upcat_4", "upcat_3", "upcat_2", "upcat_1"]
-    # hand count of one scSE block at C=16, r=2: fc 16*8+8 + 8*16+16, sSE conv 16+1 -> 297
-    assert r.rows[3].params == 297
+    # hand count of one scSE block at C=16 and the default r=16: fc 16*1+1 + 1*16+16, sSE conv
+    # 16+1 -> 66
+    assert r.rows[3].params == 66
 
 
 @pytest.mark.parametrize("lib,arch,dim", CASES, ids=lambda v: str(v))

@@ -2,8 +2,12 @@
 
 * cSE: squeeze space (global average pool), excite channels (FC C->C/r->C, ReLU, sigmoid).
 * sSE: squeeze channels (1x1 conv C->1), excite space (sigmoid).
-* scSE: both recalibrations concurrently, combined by element-wise ``max`` (journal version and the
-  authors' code) or by ``add`` (MICCAI version, smp's ``SCSEModule``).
+* scSE: both recalibrations concurrently, combined by ``add`` (MICCAI version, smp's
+  ``SCSEModule``; our default) or by element-wise ``max`` (journal version and the authors' code).
+
+Defaults: reduction 16 (SENet's ratio) and additive fusion, the setting that measured level or
+better on every network and dataset of ``eval/results/README.md``; the TMI 2019 setting is
+``reduction=2, fusion="max"``.
 
 Each block works for 2D and 3D maps. Its eager formulas below are the reference of every fast
 path. With ``fused=True`` (default) a block runs its device's fast path from
@@ -75,7 +79,7 @@ class ChannelSE(nn.Module):
 
     accepted_kwargs = ("reduction", "min_hidden", "fused")
 
-    def __init__(self, channels: int, dim: int = 2, reduction: float = 2, min_hidden: int = 1,
+    def __init__(self, channels: int, dim: int = 2, reduction: float = 16, min_hidden: int = 1,
                  fused: bool = True):
         super().__init__()
         self.channels, self.dim, self.fused = channels, check_dim(dim), fused
@@ -117,13 +121,13 @@ FUSIONS = ("max", "add")
 class ConcurrentSE(nn.Module):
     """Concurrent spatial and channel SE, the "scSE" block.
 
-    ``fusion="max"``: ``max(x*g_c, x*g_s)`` (TMI 2019, authors' code; our default).
-    ``fusion="add"``: ``x*g_c + x*g_s`` (MICCAI 2018, smp's ``SCSEModule``).
+    ``fusion="add"``: ``x*g_c + x*g_s`` (MICCAI 2018, smp's ``SCSEModule``; our default).
+    ``fusion="max"``: ``max(x*g_c, x*g_s)`` (TMI 2019, authors' code, there with r=2).
     """
 
     accepted_kwargs = ("reduction", "min_hidden", "fusion", "fused")
 
-    def __init__(self, channels: int, dim: int = 2, reduction: float = 2, fusion: str = "max",
+    def __init__(self, channels: int, dim: int = 2, reduction: float = 16, fusion: str = "add",
                  min_hidden: int = 1, fused: bool = True):
         super().__init__()
         if fusion not in FUSIONS:

@@ -189,6 +189,9 @@ def render_markdown(results, spec=None, wall_seconds: float | None = None,
             data = (o.get("data") or {}).get("path", data)
         if data:
             w(f"Data: `{data}`.\n")
+    settings = {f"{r.attention}: {r.setting}" for r in results if r.setting}
+    if settings:
+        w(f"Attention settings: {'; '.join(sorted(settings))}.\n")
     if wall_seconds is not None:
         w(f"Grid wall time: {wall_seconds / 60:.1f} min (training and evaluation, without writing "
           "this report; summed over the invocations that built this folder).\n")

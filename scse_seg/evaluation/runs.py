@@ -30,6 +30,7 @@ class RunEvaluation:
     evaluated_on: str = "held-out volumes"  # or "test volumes in PATH"
     checkpoint: str = ""  # which weights were scored: "last.pt (epoch 6, sha256 1a2b3c4d5e6f)"
     members: list[str] = field(default_factory=list)  # an ensemble's runs (run_dir: the first)
+    setting: str = ""  # the attention's options as trained, e.g. "reduction 16, fusion add"
 
 
 @dataclass
@@ -216,7 +217,19 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
         evaluated_on=run.evaluated_on,
         checkpoint="; ".join(_checkpoint_identity(m) for m in
                              (run.ensemble.members if run.ensemble else [run.loaded])),
-        members=[str(d) for d in dirs] if len(dirs) > 1 else [])
+        members=[str(d) for d in dirs] if len(dirs) > 1 else [], setting=attention_setting(cfg.model))
+
+
+def attention_setting(model_cfg) -> str:
+    """The options of ``model_cfg``'s attention that shaped its blocks ("reduction 16, fusion
+    add, min_hidden 1" for scSE; "" for none), so a report says which setting it measured."""
+    from ..blocks.registry import accepted_options
+
+    options = {"reduction": model_cfg.reduction, "fusion": model_cfg.fusion,
+               "min_hidden": model_cfg.min_hidden}
+    accepted = accepted_options(model_cfg.attention)
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in options.items() if k in accepted)
 
 
 def _checkpoint_identity(loaded) -> str:

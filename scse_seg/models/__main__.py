@@ -8,7 +8,7 @@ parser = argparse.ArgumentParser(prog="python -m scse_seg.models", description=_
 parser.add_argument("--classes", type=int, default=28, help="number of output classes (default 28)")
 parser.add_argument("--in-channels", type=int, default=1)
 parser.add_argument("--dim", type=int, default=2, choices=(2, 3))
-parser.add_argument("--reduction", type=float, default=2, help="SE reduction ratio r (default 2)")
+parser.add_argument("--reduction", type=float, default=16, help="SE reduction ratio r (default 16)")
 parser.add_argument("--block-channels", type=int, default=64,
                     help="width of the per-block parameter table (default 64)")
 parser.add_argument("--no-smp", action="store_true", help="skip the smp_unet (resnet34) rows")

@@ -25,7 +25,7 @@ def parameter_table(archs=PAPER_ARCHS + ("smp_unet",), attentions=("none", "cse"
     return rows
 
 
-def block_parameter_table(channels: int = 64, dim: int = 2, reduction: float = 2) -> list[dict]:
+def block_parameter_table(channels: int = 64, dim: int = 2, reduction: float = 16) -> list[dict]:
     """Parameters of every attention on a ``channels``-wide map and of every conv block mapping
     ``channels`` to ``channels`` (CMPE-SE inside the residual block): rows ``{name, kind, params}``.
     Attentions and CMPE-SE use ``reduction``; the other blocks their papers' defaults."""

@@ -4,7 +4,7 @@ set -e
 cd "$(dirname "$0")/../../.."
 # LPBA40: one short run (its weights do not matter for time and memory), copied to 5 members
 python train_seg.py --config configs/lpba40.yaml --arch unet --out /tmp/lp/r1 --epochs 1 \
-  model.width=16 train.max_steps_per_epoch=2 train.batch_size=4 --no-progress
+  model.width=16 model.reduction=2 model.fusion=max train.max_steps_per_epoch=2 train.batch_size=4 --no-progress
 for i in 2 3 4 5; do cp -r /tmp/lp/r1 /tmp/lp/r$i; done
 S=../shared/data/LPBA40/imagesTr/lpba40_01.nii.gz
 for k in 1 5; do

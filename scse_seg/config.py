@@ -76,7 +76,7 @@ class ModelConfig:
     attention: str = "scse"
     dim: int = 2
     width: int = 16
-    reduction: float = 16  # the TMI 2019 setting: reduction 2, fusion max
+    reduction: float | None = None  # None: each attention's own (cse/scse 16, pe 2); TMI 2019: 2
     min_hidden: int = 1  # floor on cSE's hidden width C // r (cse, scse)
     fusion: str = "add"
     bottleneck_attention: bool = True
@@ -98,7 +98,8 @@ class ModelConfig:
                f"unknown attention {self.attention!r}; valid: {', '.join(attention_names())}")
         _check(self.dim in (2, 3), "model.dim", "must be 2 or 3")
         _check(self.width >= 1, "model.width", "must be positive")
-        _check(self.reduction > 0, "model.reduction", "must be positive")
+        _check(self.reduction is None or self.reduction > 0, "model.reduction",
+               "must be positive (or null: each attention's own default)")
         _check(isinstance(self.min_hidden, int) and self.min_hidden >= 1, "model.min_hidden",
                "must be a whole number of at least 1")
         _check(self.fusion in ("max", "add"), "model.fusion", "must be max or add")
@@ -135,7 +136,8 @@ class ModelConfig:
     def build(self, in_channels: int, num_classes: int):
         from .models import create_model
 
-        se = dict(reduction=self.reduction, min_hidden=self.min_hidden, fusion=self.fusion)
+        se = dict(min_hidden=self.min_hidden, fusion=self.fusion,
+                  **({} if self.reduction is None else {"reduction": self.reduction}))
         kw: dict[str, Any] = dict(width=self.width, bottleneck_attention=self.bottleneck_attention, **se)
         if self.placement != "all":
             kw["placement"] = self.placement

@@ -181,3 +181,23 @@ def test_cbam_matches_timm(train):
     theirs.train(train)
     x = torch.randn(3, 8, 9, 11)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_config_default_reduction_is_each_attentions_own():
+    """``model.reduction: null`` (the default): cSE/scSE take SENet's 16, Project & Excite its
+    authors' 2; an explicit value reaches every attention that takes one."""
+    from scse_seg.config import ModelConfig
+
+    def hidden(attention, **kw):
+        cfg = ModelConfig(attention=attention, width=16, **kw)
+        cfg.validate()
+        blocks = cfg.build(1, 3).attention_modules()
+        first = blocks[0]  # the first encoder block, 16 channels
+        layer = {"scse": lambda b: b.cse.excite.fc1, "cse": lambda b: b.excite.fc1,
+                 "pe": lambda b: b.reduce}[attention](first)
+        return first.channels, layer.out_channels if attention == "pe" else layer.out_features
+
+    assert hidden("scse") == (16, 1) and hidden("cse") == (16, 1)
+    assert hidden("pe") == (16, 8)
+    assert hidden("pe", reduction=4) == (16, 4) and hidden("scse", reduction=4) == (16, 4)
+    assert hidden("scse", min_hidden=4) == (16, 4)

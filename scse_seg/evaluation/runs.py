@@ -223,11 +223,16 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
 def attention_setting(model_cfg) -> str:
     """The options of ``model_cfg``'s attention that shaped its blocks ("reduction 16, fusion
     add, min_hidden 1" for scSE; "" for none), so a report says which setting it measured."""
-    from ..blocks.registry import accepted_options
+    import inspect
+
+    from ..blocks.registry import ATTENTIONS, accepted_options
 
     options = {"reduction": model_cfg.reduction, "fusion": model_cfg.fusion,
                "min_hidden": model_cfg.min_hidden}
     accepted = accepted_options(model_cfg.attention)
+    if options["reduction"] is None and "reduction" in accepted:  # the attention's own default
+        cls = ATTENTIONS.get(model_cfg.attention)
+        options["reduction"] = inspect.signature(cls).parameters["reduction"].default
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in options.items() if k in accepted)
 

@@ -1,12 +1,9 @@
-"""scSE (r=16, add) with a floor on cSE's hidden width vs the same setting without one, paired
-over the 20 LPBA40 subjects (issue 27 item 1).
-
-The baseline runs (vanilla, and scSE without a floor) are those of
-eval/results/sweep_lpba40_unet_smp_cpu: identical configs, and CPU training is bit-reproducible,
-which the first check below confirms on the vanilla runs both grids trained.
+"""scSE (r=16, add) with a floor on cSE's hidden width vs the same setting without one
+(min_hidden 1), paired over the 20 LPBA40 subjects of this grid (issue 27 item 1). report.md
+compares every variant with vanilla; this compares the floors with each other.
 
     python eval/results/floor_lpba40_unet_cpu/paired_vs_plain.py \
-        eval/results/floor_lpba40_unet_cpu/results.csv eval/results/sweep_lpba40_unet_smp_cpu/results.csv
+        eval/results/floor_lpba40_unet_cpu/results.csv
 """
 import csv
 import sys
@@ -18,30 +15,26 @@ from scse_seg.evaluation.stats import bootstrap_ci, wilcoxon_p
 
 
 def per_volume(path):
-    """{(arch label, attention): {volume: mean Dice over structures not absent}}, as report.md."""
+    """{min_hidden: {volume: mean Dice over the structures not absent}} of the scSE runs, as
+    report.md computes a volume's Dice."""
     rows = defaultdict(lambda: defaultdict(list))
     for r in csv.DictReader(open(path)):
-        if r["status"] != "absent":
-            rows[(r["arch"], r["attention"])][r["volume"]].append(float(r["dice"]))
-    return {k: {v: float(np.mean(d)) for v, d in vols.items()} for k, vols in rows.items()}
+        if r["attention"] == "scse" and r["status"] != "absent":
+            floor = int(r["arch"].split("model.min_hidden=")[1].rstrip("]"))
+            rows[floor][r["volume"]].append(float(r["dice"]))
+    return {k: {v: float(np.mean(d)) for v, d in vols.items()} for k, vols in sorted(rows.items())}
 
 
-floor, plain = per_volume(sys.argv[1]), per_volume(sys.argv[2])
-none_new = next(v for (a, t), v in floor.items() if t == "none")
-none_old = next(v for (a, t), v in plain.items() if t == "none")
-same = none_new == none_old
-print(f"vanilla runs identical in both grids: {same} ({len(none_new)} subjects)")
-base = next(v for (a, t), v in plain.items() if t == "scse")
-mean = {}
-print("| scSE r=16, add | Dice | Δ vs none | Δ vs no floor (points) | 95% CI | Wilcoxon p | better |")
-print("|---|---|---|---|---|---|---|")
-variants = [("no floor (C // 16)", base)] + [
-    (f"hidden ≥ {a.split('model.min_hidden=')[1].rstrip(']')}", v)
-    for (a, t), v in sorted(floor.items()) if t == "scse"]
-for label, v in variants:
-    m, m_base, m_none = (np.mean(list(x.values())) for x in (v, base, none_old))
+scores = per_volume(sys.argv[1])
+base = scores[1]
+print("| cSE hidden width | Dice | Δ vs no floor (points) | 95% CI | Wilcoxon p | subjects better |")
+print("|---|---|---|---|---|---|")
+for floor, v in scores.items():
+    m = np.mean(list(v.values()))
+    if floor == 1:
+        print(f"| C // 16 (no floor) | {m:.4f} | — | — | — | — |")
+        continue
     lo, hi = bootstrap_ci(v, base)
-    paired = "— | — | — | —" if v is base else (
-        f"{100 * (m - m_base):+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] | {wilcoxon_p(v, base):.2g} | "
-        f"{sum(v[k] > base[k] for k in v)} of {len(v)}")
-    print(f"| {label} | {m:.4f} | {100 * (m - m_none):+.2f} | {paired} |")
+    d = 100 * (m - np.mean(list(base.values())))
+    print(f"| max(C // 16, {floor}) | {m:.4f} | {d:+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+          f"{wilcoxon_p(v, base):.2g} | {sum(v[k] > base[k] for k in v)} of {len(v)} |")

@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None, log=print) -> dict:
             "## SE blocks at the architectures' map shapes (time vs memory-traffic floor)\n\n"
             f"Floor: forward {bench_blocks.FWD_PASSES} map passes, forward+backward "
             f"{bench_blocks.FWD_PASSES + bench_blocks.BWD_PASSES}, at the copy bandwidth. "
-            "`smp_scse` is smp's `SCSEModule` (reduction 16, additive); ours use reduction 2.\n\n"
+            "`smp_scse` is smp's `SCSEModule` (reduction 16, additive); ours use the blocks' "
+            "default reduction, 16 (2 in reports made before issue 27).\n\n"
             + common.sectioned_markdown(result["blocks"], bench_blocks.COLUMNS, grid))
     report = "# Benchmark\n\n" + header(args, argv, bandwidth) + "\n\n" + "\n\n".join(sections) + "\n"
     result["report"] = report

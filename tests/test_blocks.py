@@ -45,6 +45,13 @@ def test_option_the_attention_does_not_take_raises():
         create_attention("none", 8, fusion="max")
 
 
+def test_option_none_means_the_attentions_own_default():
+    """A checkpoint saved with ``reduction: null`` rebuilds scSE at its own r=16 (64 -> 4 hidden
+    units) and P&E at its authors' r=2 (64 -> 32), not a TypeError."""
+    assert create_attention("scse", 64, reduction=None).cse.excite.fc1.out_features == 4
+    assert create_attention("pe", 64, reduction=None).reduce.out_channels == 32
+
+
 def test_model_wide_options_reach_only_the_attentions_that_take_them():
     """A config's reduction/fusion serve every attention: create_model hands each block only
     its own options (sSE gets none, scSE both) and refuses a name no architecture or attention

@@ -240,24 +240,24 @@ def test_ablation_changes_one_key_at_a_time_and_reuses_the_vanilla_run(tiny_phan
     out = tmp_path / "ablate"
     args = ["--data", str(tiny_phantom), "--archs", "unet", "--attns", "none,scse", "--seeds", "1",
             "--epochs", "1", "--out", str(out), *FAST,
-            "--ablate", "model.reduction=4", "model.fusion=add"]
+            "--ablate", "model.reduction=4", "model.fusion=max"]
     assert compare.main(args) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
     # the configured setting plus one run per ablated value, never crossed; one vanilla run
-    assert runs == ["unet-none-s0", "unet-scse-fusion=add-s0", "unet-scse-reduction=4-s0",
+    assert runs == ["unet-none-s0", "unet-scse-fusion=max-s0", "unet-scse-reduction=4-s0",
                     "unet-scse-s0"]
     model = {r: load_checkpoint(out / "runs" / r / "last.pt")["config"]["model"] for r in runs}
     def red_fus(run):
         return model[run]["reduction"], model[run]["fusion"]
-    assert red_fus("unet-scse-reduction=4-s0") == (4, "max")
-    assert red_fus("unet-scse-fusion=add-s0") == (2, "add")
+    assert red_fus("unet-scse-reduction=4-s0") == (4, "add")
+    assert red_fus("unet-scse-fusion=max-s0") == (None, "max")  # None: scSE's own reduction, 16
     report = (out / "report.md").read_text()
-    for label in ("unet", "unet [model.reduction=4]", "unet [model.fusion=add]"):
+    for label in ("unet", "unet [model.reduction=4]", "unet [model.fusion=max]"):
         assert f"\n## {label}\n" in report
     # the summary's Δ of each setting is the one in that setting's own section
     summary = {ln.split("|")[1].strip(): ln.split("|")[4].strip() for ln in report.splitlines()
                if ln.startswith("| unet") and "| scse |" in ln}
-    assert set(summary) == {"unet", "unet [model.reduction=4]", "unet [model.fusion=add]"}
+    assert set(summary) == {"unet", "unet [model.reduction=4]", "unet [model.fusion=max]"}
     for label, delta in summary.items():
         section = report.split(f"\n## {label}\n")[1]
         row = next(ln for ln in section.splitlines() if ln.startswith("| scse |"))

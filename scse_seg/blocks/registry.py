@@ -89,6 +89,7 @@ def attention_options(name: str | None, options: dict) -> dict:
 
 def _build(name: str | None, channels: int, dim: int, kwargs: dict) -> nn.Module:
     cls = ATTENTIONS.get(_key(name))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the attention's own default
     accepted = accepted_options(name)
     wrong = sorted(set(kwargs) - set(accepted))
     if wrong:
@@ -102,9 +103,10 @@ def create_attention(name: str | None, channels: int, dim: int = 2, **kwargs) ->
 
     ``None``/"none" gives an identity. Keyword arguments (``reduction``, ``fusion``...) go to the
     block; one it does not take raises a ValueError naming those it does (filter model-wide
-    settings with :func:`attention_options`). Recalibrations that live inside a residual block
-    (``cmpe_se*``) are refused here: build them with ``create_block("residual", ...,
-    recalibration=name)``.
+    settings with :func:`attention_options`); an option given as ``None`` means the block's own
+    default, so a saved config's ``reduction: null`` rebuilds the same network. Recalibrations
+    that live inside a residual block (``cmpe_se*``) are refused here: build them with
+    ``create_block("residual", ..., recalibration=name)``.
     """
     if is_inner_recalibration(name):
         raise ValueError(f"attention {name!r} recalibrates inside a residual block; use it with "

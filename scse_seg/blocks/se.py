@@ -85,12 +85,20 @@ class ChannelSE(nn.Module):
         self.channels, self.dim, self.fused = channels, check_dim(dim), fused
         self.excite = _ChannelExcitation(channels, reduction, dim, min_hidden)
 
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The block's gate: ``{"cse": (N, C)}`` (read by ``eval/gates.py``)."""
+        return {"cse": self.excite(x)}
+
+    def recalibrate(self, x: torch.Tensor, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The block's output for given gates (its eager formula; knock-outs replace a gate)."""
+        g = gates["cse"]
+        return x * g.view(*g.shape, *([1] * (x.dim() - g.dim())))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _fast(self, x, "cse")
         if out is not None:
             return out
-        gate = self.excite(x)
-        return x * gate.view(*gate.shape, *([1] * self.dim))
+        return self.recalibrate(x, self.gates(x))
 
 
 @register_attention("sse")
@@ -107,11 +115,18 @@ class SpatialSE(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.conv(x))
 
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The block's gate: ``{"sse": (N, 1, *spatial)}``."""
+        return {"sse": self.gate(x)}
+
+    def recalibrate(self, x: torch.Tensor, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        return x * gates["sse"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _fast(self, x, "sse")
         if out is not None:
             return out
-        return x * self.gate(x)
+        return self.recalibrate(x, self.gates(x))
 
 
 FUSIONS = ("max", "add")
@@ -136,16 +151,21 @@ class ConcurrentSE(nn.Module):
         self.cse = ChannelSE(channels, dim, reduction, min_hidden, fused=False)
         self.sse = SpatialSE(channels, dim, fused=False)
 
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both gates: ``{"cse": (N, C), "sse": (N, 1, *spatial)}``."""
+        return {**self.cse.gates(x), **self.sse.gates(x)}
+
+    def recalibrate(self, x: torch.Tensor, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.fusion == "max":
+            return torch.maximum(self.cse.recalibrate(x, gates), self.sse.recalibrate(x, gates))
+        g_c = gates["cse"]
+        return x * (g_c.view(*g_c.shape, *([1] * (x.dim() - g_c.dim()))) + gates["sse"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _fast(self, x, f"scse_{self.fusion}")
         if out is not None:
             return out
-        g_c = self.cse.excite(x)
-        g_c = g_c.view(*g_c.shape, *([1] * self.dim))
-        g_s = self.sse.gate(x)
-        if self.fusion == "max":
-            return torch.maximum(x * g_c, x * g_s)
-        return x * (g_c + g_s)
+        return self.recalibrate(x, self.gates(x))
 
     def extra_repr(self) -> str:
         return f"fusion={self.fusion!r}"

@@ -215,7 +215,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, checkpoint: 
         infer_seconds_per_volume=float(np.mean(times)) if times else float("nan"),
         class_names=list(run.dataset.class_names), rows=rows, history=hist, example=example,
         evaluated_on=run.evaluated_on,
-        checkpoint="; ".join(_checkpoint_identity(m) for m in
+        checkpoint="; ".join(checkpoint_identity(m) for m in
                              (run.ensemble.members if run.ensemble else [run.loaded])),
         members=[str(d) for d in dirs] if len(dirs) > 1 else [], setting=attention_setting(cfg.model))
 
@@ -237,7 +237,7 @@ def attention_setting(model_cfg) -> str:
                      for k, v in options.items() if k in accepted)
 
 
-def _checkpoint_identity(loaded) -> str:
+def checkpoint_identity(loaded) -> str:
     from ..fileio import file_sha256
 
     sha = file_sha256(Path(loaded.run_dir) / loaded.checkpoint)[:12]

@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train and evaluate only runs I, I+N, I+2N, ... of the grid, so N "
                         "processes (or machines sharing the folder) split it; then run the "
                         "command without --shard to write the report from the finished runs")
+    p.add_argument("--executor", choices=("local", "slurm"),
+                   help="run every unfinished run as its own submitit job (pip install -e "
+                        "\".[cluster]\"): 'slurm' as a job array, 'local' as processes on this "
+                        "machine; the command waits, then writes the report (default: in this process)")
+    p.add_argument("--parallel", type=int, metavar="N",
+                   help="with --executor: at most N jobs at once (local default 1)")
+    p.add_argument("--slurm", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="SLURM job parameters over the config's compare.slurm, e.g. partition=gpu "
+                        "gpus_per_node=1 cpus_per_task=8 mem_gb=32 timeout_min=240")
+    p.add_argument("--status", action="store_true",
+                   help="print which runs of the grid are done, submitted, failed, interrupted or "
+                        "not started, and exit")
     p.add_argument("--epochs", type=int, help="training epochs of every run")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare)")
     p.add_argument("--surface", action="store_true",
@@ -76,7 +88,29 @@ def main(argv=None) -> int:
         from scse_seg.grid import GridSpec, run_grid
 
         spec = GridSpec.from_args(args)
-        out = run_grid(spec)
+        if args.status:
+            from scse_seg.cluster import grid_status
+
+            states = grid_status(spec)
+            for run, state in states:
+                print(f"{state:12s} {run}")
+            counts = {s: sum(st == s for _, st in states) for s in dict.fromkeys(st for _, st in states)}
+            print(", ".join(f"{n} {s}" for s, n in counts.items()))
+            return 0
+        if args.executor:
+            from scse_seg.cluster import run_grid_with
+            from scse_seg.config import parse_override
+
+            slurm = dict(spec.slurm or {})
+            for item in args.slurm:
+                if "=" not in item:
+                    raise UserError(f"--slurm {item!r} must look like KEY=VALUE, e.g. partition=gpu")
+                slurm.update(parse_override(item))
+            out = run_grid_with(spec, args.executor, args.parallel, slurm)
+        elif args.parallel or args.slurm:
+            raise UserError("--parallel and --slurm go with --executor local|slurm")
+        else:
+            out = run_grid(spec)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -23,7 +23,7 @@ from .errors import ConfigError, UserError
 from .runtime import show_progress
 
 GRID_KEYS = {"archs", "attns", "blocks", "seeds", "out", "surface", "nsd_tolerance", "tta", "folds",
-             "sweep", "ablate", "test"}
+             "sweep", "ablate", "test", "slurm"}
 # keys that change only the attention blocks: the vanilla (none) run is the same for every value,
 # so it is trained once and serves as the baseline of each swept setting
 ATTENTION_ONLY_KEYS = {"model.reduction", "model.min_hidden", "model.fusion", "model.bottleneck_attention",
@@ -48,6 +48,7 @@ class GridSpec:
     base: dict = field(default_factory=dict)  # training config applied to every run
     overrides: list[dict] = field(default_factory=list)
     progress: bool = True
+    slurm: dict = field(default_factory=dict)  # submitit/SLURM job parameters (compare.py --executor)
 
     @classmethod
     def from_args(cls, args) -> "GridSpec":
@@ -262,50 +263,73 @@ def _run_state(run_dir: Path, epochs: int) -> str:
     return "done" if epoch >= epochs else "partial"
 
 
-def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
-    """Train every missing run, then evaluate every run (cached in its eval.json), then report."""
-    from tqdm.auto import tqdm
-
-    from .evaluation.runs import evaluate_run
-    from .fileio import check_writable_folder, os_error_text
-    from .training import Trainer
-
-    t_start = time.perf_counter()
-    check_writable_folder(spec.out, "the comparison")  # before hours of training, not after
-    combos = spec.runs()
-    unique = {}  # run folder -> config (a vanilla run serves every attention-only setting)
-    for arch, attn, seed, fold, setting, block in combos:
+def grid_runs(spec: GridSpec) -> dict:
+    """Run folder -> training config of every run the grid needs, in grid order (a vanilla run
+    serves every attention-only setting); under ``spec.shard`` only this shard's."""
+    unique = {}
+    for arch, attn, seed, fold, setting, block in spec.runs():
         cfg = spec.config(arch, attn, seed, fold, setting, block)
+        cfg.train.progress = False
         unique.setdefault(cfg.out, cfg)
     if spec.shard:  # several processes share the grid: each trains and evaluates its own runs
         i, n = spec.shard
         unique = {k: v for j, (k, v) in enumerate(unique.items()) if j % n == i}
+    return unique
+
+
+def run_state(cfg) -> str:
+    """'done', 'partial' or 'new': how far the run of training config ``cfg`` got."""
+    return _run_state(Path(cfg.out), cfg.train.epochs)
+
+
+def train_run(cfg) -> None:
+    """Train the run of ``cfg`` to its last epoch: from scratch, resumed from its last.pt, or
+    not at all when it is finished."""
+    from .training import Trainer
+
+    state = run_state(cfg)
+    if state != "done":
+        Trainer(cfg, Path(cfg.out), resume=(state == "partial")).fit()
+
+
+def evaluate_cached(run_dir: Path, spec: GridSpec):
+    """The run's evaluation on its held-out volumes, from its eval.json when that was made from
+    the same checkpoint and options, else computed and cached there."""
+    from .evaluation.runs import evaluate_run
+
+    run_dir = Path(run_dir)
+    cache = run_dir / "eval.json"
+    key = eval_key(run_dir, spec)
+    res = _load_eval(cache, key)
+    if res is None:
+        t0 = time.perf_counter()
+        res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False,
+                           nsd_tolerance=spec.nsd_tolerance)
+        _save_eval(cache, res, key, time.perf_counter() - t0)
+    return res
+
+
+def run_grid(spec: GridSpec, evaluate: bool = True) -> Path:
+    """Train every missing run, then evaluate every run (cached in its eval.json), then report."""
+    from tqdm.auto import tqdm
+
+    from .fileio import check_writable_folder, os_error_text
+
+    t_start = time.perf_counter()
+    check_writable_folder(spec.out, "the comparison")  # before hours of training, not after
+    combos = spec.runs()
+    unique = grid_runs(spec)
     bar = tqdm(list(unique.values()), desc="training grid", unit="run",
                disable=not show_progress(spec.progress))
     for cfg in bar:
-        cfg.train.progress = False
-        run_dir = Path(cfg.out)
-        state = _run_state(run_dir, cfg.train.epochs)
-        bar.set_postfix_str(f"{run_dir.name} ({state})")
-        if state != "done":
-            Trainer(cfg, run_dir, resume=(state == "partial")).fit()
+        bar.set_postfix_str(f"{Path(cfg.out).name} ({run_state(cfg)})")
+        train_run(cfg)
     # created only now: a grid that fails on its input (e.g. a wrong --data) leaves nothing
     spec.out.mkdir(parents=True, exist_ok=True)
     if not evaluate:
         return spec.out
-    evaluated = {}
     bar = tqdm(list(unique), desc="evaluating grid", unit="run", disable=not show_progress(spec.progress))
-    for out in bar:
-        run_dir = Path(out)
-        cache = run_dir / "eval.json"
-        key = eval_key(run_dir, spec)
-        res = _load_eval(cache, key)
-        if res is None:
-            t0 = time.perf_counter()
-            res = evaluate_run(run_dir, tta_flip=spec.tta, surface=spec.surface, progress=False,
-                               nsd_tolerance=spec.nsd_tolerance)
-            _save_eval(cache, res, key, time.perf_counter() - t0)
-        evaluated[out] = res
+    evaluated = {out: evaluate_cached(Path(out), spec) for out in bar}
     if spec.shard:  # the report needs every run: written by an invocation without --shard
         _add_wall_time(spec.out, time.perf_counter() - t_start)  # counted in the report's total
         return spec.out

@@ -1,0 +1,107 @@
+"""compare.py --executor: a grid as submitit jobs (its local executor here: separate processes;
+SLURM itself is not available in CI)."""
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import FAST, ROOT
+
+pytest.importorskip("submitit")
+sys.path.insert(0, str(ROOT / "eval"))
+
+GRID = ["--archs", "unet", "--attns", "none,scse", "--folds", "2", "--epochs", "2", *FAST]
+
+
+def _rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "checkpoint"} for r in csv.DictReader(f)]
+
+
+def _weights(run):
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+def test_local_executor_gives_the_in_process_grid_to_the_last_digit(tiny_phantom, tmp_path):
+    """2 attentions x 2 folds as 4 jobs (2 at once) in their own processes: the same results.csv
+    and the same weights as the grid trained in this process (CPU training is deterministic)."""
+    import compare
+
+    base = ["--data", str(tiny_phantom), *GRID]
+    assert compare.main([*base, "--out", str(tmp_path / "inproc")]) == 0
+    assert compare.main([*base, "--out", str(tmp_path / "jobs"), "--executor", "local",
+                         "--parallel", "2"]) == 0
+    a, b = _rows(tmp_path / "inproc/results.csv"), _rows(tmp_path / "jobs/results.csv")
+    assert len(a) == len(b) > 0 and a == b
+    runs = sorted(p.name for p in (tmp_path / "jobs/runs").iterdir())
+    assert runs == ["unet-none-f0-s0", "unet-none-f1-s0", "unet-scse-f0-s0", "unet-scse-f1-s0"]
+    for r in runs:
+        w1, w2 = _weights(tmp_path / "inproc/runs" / r), _weights(tmp_path / "jobs/runs" / r)
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert (tmp_path / "jobs/jobs/runs.json").is_file()
+
+
+def test_killed_job_resumes_to_the_same_weights_and_failures_are_named(tiny_phantom, tmp_path,
+                                                                        capsys, monkeypatch):
+    """Jobs SIGKILLed while writing their third checkpoint (epoch 2 of 2) are reported failed by
+    run folder, and so by --status; the same command again resumes them from their epoch-1
+    last.pt to the weights of uninterrupted runs."""
+    import compare
+
+    grid = ["--data", str(tiny_phantom), "--archs", "unet", "--attns", "none,scse", "--epochs", "2",
+            *FAST]
+    assert compare.main([*grid, "--out", str(tmp_path / "ref")]) == 0
+    out = ["--out", str(tmp_path / "g")]
+    monkeypatch.setenv("SCSE_SEG_FAILPOINT", "checkpoint_write:3")
+    capsys.readouterr()
+    assert compare.main([*grid, *out, "--executor", "local"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 of 2 runs failed") and "unet-none-s0" in err and "unet-scse-s0" in err
+    monkeypatch.delenv("SCSE_SEG_FAILPOINT")
+    assert compare.main([*grid, *out, "--status"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"failed       {tmp_path / 'g/runs/unet-none-s0'}",
+        f"failed       {tmp_path / 'g/runs/unet-scse-s0'}", "2 failed"]
+    for r in ("unet-none-s0", "unet-scse-s0"):
+        assert torch.load(tmp_path / "g/runs" / r / "last.pt", weights_only=True)["epoch"] == 1
+    assert compare.main([*grid, *out, "--executor", "local"]) == 0
+    for r in ("unet-none-s0", "unet-scse-s0"):
+        w1, w2 = _weights(tmp_path / "ref/runs" / r), _weights(tmp_path / "g/runs" / r)
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert compare.main([*grid, *out, "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 done"
+
+
+def test_status_of_a_grid_not_started(tiny_phantom, tmp_path, capsys):
+    import compare
+
+    assert compare.main(["--data", str(tiny_phantom), *GRID, "--out", str(tmp_path / "g"),
+                         "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "4 not started" and len(lines) == 5
+
+
+def test_parallel_without_executor_is_refused(tiny_phantom, tmp_path, capsys):
+    import compare
+
+    assert compare.main(["--data", str(tiny_phantom), *GRID, "--out", str(tmp_path / "g"),
+                         "--parallel", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --parallel and --slurm go with --executor")
+    assert not (tmp_path / "g").exists()
+
+
+def test_slurm_parameters_are_submitits():
+    from scse_seg.cluster import slurm_parameters
+
+    assert slurm_parameters({"partition": "gpu", "gpus_per_node": 1, "timeout_min": 240,
+                             "account": "lab", "slurm_qos": "high"}) == {
+        "slurm_partition": "gpu", "gpus_per_node": 1, "timeout_min": 240, "slurm_account": "lab",
+        "slurm_qos": "high"}
+
+
+def test_import_does_not_need_submitit():
+    code = ("import sys; sys.modules['submitit'] = None; import scse_seg, scse_seg.grid, "
+            "scse_seg.cluster; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -105,3 +105,17 @@ def test_import_does_not_need_submitit():
             "scse_seg.cluster; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_preemption_requeues_the_same_run():
+    """submitit calls ``checkpoint`` when SLURM preempts or times out a job: it must requeue the
+    same run (which resumes from last.pt, as the killed-job test shows)."""
+    import submitit
+
+    from scse_seg.cluster import RunJob
+    from scse_seg.grid import GridSpec
+
+    spec, cfg = GridSpec(), object()
+    again = RunJob(spec).checkpoint(cfg)
+    assert isinstance(again, submitit.helpers.DelayedSubmission)
+    assert isinstance(again.function, RunJob) and again.function.spec is spec and again.args == (cfg,)

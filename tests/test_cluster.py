@@ -23,54 +23,55 @@ def _weights(run):
     return torch.load(run / "last.pt", weights_only=True)["model"]
 
 
-def test_local_executor_gives_the_in_process_grid_to_the_last_digit(tiny_phantom, tmp_path):
+@pytest.fixture(scope="module")
+def inproc(tiny_phantom, tmp_path_factory):
+    """The grid trained in this process: the reference of the jobs'."""
+    import compare
+
+    out = tmp_path_factory.mktemp("inproc")
+    assert compare.main(["--data", str(tiny_phantom), *GRID, "--out", str(out)]) == 0
+    return out
+
+
+def test_local_executor_gives_the_in_process_grid_to_the_last_digit(inproc, tiny_phantom, tmp_path):
     """2 attentions x 2 folds as 4 jobs (2 at once) in their own processes: the same results.csv
     and the same weights as the grid trained in this process (CPU training is deterministic)."""
     import compare
 
-    base = ["--data", str(tiny_phantom), *GRID]
-    assert compare.main([*base, "--out", str(tmp_path / "inproc")]) == 0
-    assert compare.main([*base, "--out", str(tmp_path / "jobs"), "--executor", "local",
-                         "--parallel", "2"]) == 0
-    a, b = _rows(tmp_path / "inproc/results.csv"), _rows(tmp_path / "jobs/results.csv")
+    assert compare.main(["--data", str(tiny_phantom), *GRID, "--out", str(tmp_path / "jobs"),
+                         "--executor", "local", "--parallel", "2"]) == 0
+    a, b = _rows(inproc / "results.csv"), _rows(tmp_path / "jobs/results.csv")
     assert len(a) == len(b) > 0 and a == b
     runs = sorted(p.name for p in (tmp_path / "jobs/runs").iterdir())
     assert runs == ["unet-none-f0-s0", "unet-none-f1-s0", "unet-scse-f0-s0", "unet-scse-f1-s0"]
     for r in runs:
-        w1, w2 = _weights(tmp_path / "inproc/runs" / r), _weights(tmp_path / "jobs/runs" / r)
+        w1, w2 = _weights(inproc / "runs" / r), _weights(tmp_path / "jobs/runs" / r)
         assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert (tmp_path / "jobs/jobs/runs.json").is_file()
 
 
-def test_killed_job_resumes_to_the_same_weights_and_failures_are_named(tiny_phantom, tmp_path,
+def test_killed_job_resumes_to_the_same_weights_and_failures_are_named(inproc, tiny_phantom, tmp_path,
                                                                         capsys, monkeypatch):
-    """Jobs SIGKILLed while writing their third checkpoint (epoch 2 of 2) are reported failed by
-    run folder, and so by --status; the same command again resumes them from their epoch-1
-    last.pt to the weights of uninterrupted runs."""
+    """A job SIGKILLed while writing its third checkpoint (epoch 2 of 2) is reported failed by
+    run folder, and so by --status; the same command again resumes it from its epoch-1 last.pt
+    to the weights of the uninterrupted run (one run of the grid: --shard 0/4)."""
     import compare
 
-    grid = ["--data", str(tiny_phantom), "--archs", "unet", "--attns", "none,scse", "--epochs", "2",
-            *FAST]
-    assert compare.main([*grid, "--out", str(tmp_path / "ref")]) == 0
-    out = ["--out", str(tmp_path / "g")]
+    grid = ["--data", str(tiny_phantom), *GRID, "--out", str(tmp_path / "g"), "--shard", "0/4"]
+    run = tmp_path / "g/runs/unet-none-f0-s0"
     monkeypatch.setenv("SCSE_SEG_FAILPOINT", "checkpoint_write:3")
-    capsys.readouterr()
-    assert compare.main([*grid, *out, "--executor", "local"]) == 2
+    assert compare.main([*grid, "--executor", "local"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: 2 of 2 runs failed") and "unet-none-s0" in err and "unet-scse-s0" in err
+    assert err.startswith("error: 1 of 1 runs failed") and str(run) in err
     monkeypatch.delenv("SCSE_SEG_FAILPOINT")
-    assert compare.main([*grid, *out, "--status"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        f"failed       {tmp_path / 'g/runs/unet-none-s0'}",
-        f"failed       {tmp_path / 'g/runs/unet-scse-s0'}", "2 failed"]
-    for r in ("unet-none-s0", "unet-scse-s0"):
-        assert torch.load(tmp_path / "g/runs" / r / "last.pt", weights_only=True)["epoch"] == 1
-    assert compare.main([*grid, *out, "--executor", "local"]) == 0
-    for r in ("unet-none-s0", "unet-scse-s0"):
-        w1, w2 = _weights(tmp_path / "ref/runs" / r), _weights(tmp_path / "g/runs" / r)
-        assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    assert compare.main([*grid, *out, "--status"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "2 done"
+    assert compare.main([*grid, "--status"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"failed       {run}", "1 failed"]
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert compare.main([*grid, "--executor", "local"]) == 0
+    w1, w2 = _weights(inproc / "runs" / run.name), _weights(run)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert compare.main([*grid, "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1 done"
 
 
 def test_status_of_a_grid_not_started(tiny_phantom, tmp_path, capsys):

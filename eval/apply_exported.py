@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Reference use of an exported model without scse_seg: preprocessing.json -> logits -> labels.
 
-  python eval/apply_exported.py EXPORT_DIR SCAN.nii.gz OUT.nii.gz
+  python eval/apply_exported.py EXPORT_DIR SCAN.nii.gz OUT.nii.gz [--int8]
+
+--int8 runs model_int8.onnx (eval/export.py --int8) with onnxruntime instead of model.pt2.
 
 Needs torch, numpy and nibabel (MONAI for 3D models: the sliding window). Steps, as in training:
 each channel z-scored over its nonzero voxels; 2D: slices along ``slice_axis_index``, centre-padded
@@ -35,12 +37,23 @@ def pad(x, multiple, fills, at_least):
     return x, tuple(slice((t - s) // 2, (t - s) // 2 + s) for s, t in zip(sizes, target))
 
 
+def onnx_network(path):
+    """An ONNX model as a function of a float32 tensor, run by onnxruntime on CPU."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+
 @torch.no_grad()
-def segment(export_dir, scan):
+def segment(export_dir, scan, int8=False):
     pre = json.load(open(f"{export_dir}/preprocessing.json"))
     if "resample" in pre:
         sys.exit("error: this run was trained on resampled volumes; use eval/predict.py")
-    net = torch.export.load(f"{export_dir}/model.pt2").module()
+    if int8 and "int8" not in pre:
+        sys.exit(f"error: {export_dir} has no int8 model; export it with eval/export.py --int8")
+    net = onnx_network(f"{export_dir}/{pre['int8']['file']}") if int8 else \
+        torch.export.load(f"{export_dir}/model.pt2").module()
     img = nib.load(scan)
     x = np.asarray(img.dataobj, dtype=np.float32)
     x = np.moveaxis(x, -1, 0) if x.ndim == 4 else x[None]  # (C, X, Y, Z)
@@ -63,7 +76,7 @@ def segment(export_dir, scan):
 
 
 if __name__ == "__main__":
-    labels, img = segment(sys.argv[1], sys.argv[2])
+    labels, img = segment(sys.argv[1], sys.argv[2], int8="--int8" in sys.argv[4:])
     out = nib.Nifti1Image(labels.astype(np.int32), img.affine, img.header)
     out.set_data_dtype(np.int32)
     nib.save(out, sys.argv[3])

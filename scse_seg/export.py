@@ -66,9 +66,13 @@ def export_onnx(program, path: Path, dim: int, multiple: int, in_channels: int =
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt",
-               onnx: bool = True) -> dict:
+               onnx: bool = True, int8: str | None = None, calibration: str | None = None,
+               calibration_count: int = 256) -> dict:
     """Write ``model.pt2``, ``preprocessing.json`` and (if possible and ``onnx``) ``model.onnx``
     into the new or empty folder ``out``; returns what was written and why ONNX was skipped.
+    ``int8`` ("conv" or "all", see :mod:`scse_seg.quantize`) also writes ``model_int8.onnx``,
+    calibrated on ``calibration_count`` inputs of the run's training volumes (``calibration``:
+    the dataset, default the one it was trained on).
 
     The folder is built beside ``out`` and renamed into place at the end: a kill or a full disk
     leaves ``out`` as it was (absent or empty), so the same command can simply be rerun."""
@@ -82,6 +86,22 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt"
     check_writable_folder(out.parent, "the export")
     loaded = load_model(run_dir, checkpoint, "cpu")
     dim, multiple, c = loaded.cfg.model.dim, loaded.size_multiple, loaded.in_channels
+    batches = None
+    if int8 is not None:
+        from .quantize import VARIANTS, calibration_inputs
+
+        if int8 not in VARIANTS:
+            raise UserError(f"unknown --int8 variant {int8!r}; valid: {', '.join(VARIANTS)}")
+        if not onnx or onnx_available():
+            raise UserError("--int8 quantizes the ONNX export: install onnx, onnxscript and "
+                            "onnxruntime (pip install -e \".[export]\") and drop --no-onnx")
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UserError("--int8 needs onnxruntime: pip install -e \".[export]\"") from None
+        if calibration_count < 1:
+            raise UserError(f"--calibration-count must be at least 1, got {calibration_count}")
+        batches = calibration_inputs(loaded, run_dir, calibration, calibration_count)
     program = export_program(loaded.model, dim, multiple, c)
     pre = loaded.preprocessing()
     pre.update(input=f"float32 (N, {c}, {'D, H, W' if dim == 3 else 'H, W'}), spatial sizes multiples "
@@ -107,6 +127,13 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt"
         if skipped is None:
             export_onnx(program, stage / ONNX, dim, multiple, c)
         pre["onnx"] = ONNX if skipped is None else f"skipped: {skipped}"
+        if batches is not None:
+            from .quantize import INT8, quantize_onnx
+
+            quantize_onnx(stage / ONNX, stage / INT8, batches, int8)
+            pre["int8"] = dict(file=INT8, variant=int8, runtime="onnxruntime (QDQ, per-channel int8 "
+                               "weights, uint8 activations, min-max calibration)",
+                               calibration_inputs=int(sum(len(b) for b in batches)))
         (stage / PREPROCESSING).write_text(json.dumps(pre, indent=1))
         publish_folder(stage, out)
     except OSError as e:
@@ -120,4 +147,6 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last.pt"
                    onnx_skipped=skipped)
     if skipped is None:
         written["onnx"] = str(out / ONNX)
+    if batches is not None:
+        written["int8"] = str(out / "model_int8.onnx")
     return written

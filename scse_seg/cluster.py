@@ -103,6 +103,17 @@ def _job_outcome(folder: Path, job_id: str, executor: str = "local") -> tuple[st
     return ("success" if outcome == "success" else "error"), tail
 
 
+class _Adopted:
+    """A job an earlier invocation submitted that is still queued or running: waited for, not
+    submitted again (two jobs must never train one run)."""
+
+    def __init__(self, job_id: str, executor: str, folder: Path):
+        self.job_id, self.executor, self.folder = job_id, executor, folder
+
+    def done(self) -> bool:
+        return not _alive(self.job_id, self.executor, self.folder)
+
+
 def grid_status(spec: GridSpec) -> list[tuple[str, str]]:
     """(run folder, state) of every run: done, failed, submitted (queued or running),
     interrupted (a partial run with no job pending) or not started."""
@@ -154,7 +165,14 @@ def run_grid_with(spec: GridSpec, executor: str, parallel: int | None = None,
     ex.update_parameters(**params)
     jobs = _read_jobs(spec)
     window = len(pending) if executor == "slurm" else (parallel or 1)  # local: one at a time
-    queue, running, failed = list(pending), [], []
+    queue, running, failed = [], [], []
+    for cfg in pending:  # a job still alive from an earlier invocation is waited for
+        job = jobs.get(str(cfg.out))
+        if job and _job_outcome(folder, job["job"], job["executor"])[0] == "pending":
+            running.append((cfg, _Adopted(job["job"], job["executor"], folder)))
+        else:
+            queue.append(cfg)
+    window = max(window - len(running), 0) if executor == "local" else window
     bar = tqdm(total=len(pending), desc=f"grid on {executor}", unit="run",
                disable=not show_progress(spec.progress))
 
@@ -165,7 +183,7 @@ def run_grid_with(spec: GridSpec, executor: str, parallel: int | None = None,
             running.append((cfg, job))
         atomic_write_text(_jobs_file(spec), json.dumps(jobs, indent=1))
 
-    if queue:
+    if queue and window:
         submit([queue.pop(0) for _ in range(min(window, len(queue)))])
     while running:
         for cfg, job in list(running):
@@ -173,7 +191,7 @@ def run_grid_with(spec: GridSpec, executor: str, parallel: int | None = None,
                 continue
             running.remove((cfg, job))
             bar.update()
-            outcome, tail = _job_outcome(folder, str(job.job_id), executor)
+            outcome, tail = _job_outcome(folder, str(job.job_id), getattr(job, "executor", executor))
             if outcome != "success":
                 failed.append((str(cfg.out), tail))
             if queue:

@@ -83,6 +83,16 @@ def test_status_of_a_grid_not_started(tiny_phantom, tmp_path, capsys):
     assert lines[-1] == "4 not started" and len(lines) == 5
 
 
+def test_status_of_runs_stopped_before_their_last_epoch(inproc, tiny_phantom, capsys):
+    """The reference grid's runs finished 2 epochs; asked for 3 they are interrupted (partial,
+    no job pending)."""
+    import compare
+
+    assert compare.main(["--data", str(tiny_phantom), *GRID, "--epochs", "3", "--out", str(inproc),
+                         "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "4 interrupted"
+
+
 def test_parallel_without_executor_is_refused(tiny_phantom, tmp_path, capsys):
     import compare
 
